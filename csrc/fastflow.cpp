@@ -1,0 +1,26 @@
+// Every operator schema of fastflow, in one place. Kernels are registered per device in
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu with TORCH_LIBRARY_IMPL.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastflow._C` only has to load this shared library so that the registrations below
+// run; the operators are then reached through torch.ops.fastflow.*.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fastflow native operators (see torch.ops.fastflow)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastflow, m) {
+  // Fused elementwise part of a coupling layer plus its per-sample log-det.
+  // activation: 0 additive (NICE), 1 exp of clamp*tanh(h/clamp) (Real NVP), 2 sigmoid(h+2) (Glow).
+  // inverse=true applies the inverse map; the log-det returned is then log|det dx/dy|.
+  m.def(
+      "affine_coupling(Tensor x, Tensor? log_scale, Tensor shift, int activation, float clamp, "
+      "bool inverse) -> (Tensor, Tensor)");
+  m.def(
+      "affine_coupling_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, "
+      "Tensor? log_scale, Tensor shift, int activation, float clamp, bool inverse) "
+      "-> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,36 @@
+// Argument checks shared by the CPU and CUDA kernels. Every message names the argument, so a
+// user who passes a wrong tensor learns which one from the error alone.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastflow {
+
+inline void check_same(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                       const char* name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastflow: ", name, " must have the shape of ", ref_name,
+              " ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastflow: ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fastflow: ", name, " must be on the device of ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_batched(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2, "fastflow: ", name,
+              " must have a batch dimension and at least one feature dimension, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.size(0) >= 1, "fastflow: ", name, " has an empty batch (shape ", t.sizes(), ")");
+}
+
+// Where the output keeps the input's layout. Contiguous and channels-last both store each sample
+// as one dense block, which is all a per-sample kernel needs; any other stride pattern is
+// copied to contiguous first.
+inline at::MemoryFormat per_sample_format(const at::Tensor& t) {
+  if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+}  // namespace fastflow
