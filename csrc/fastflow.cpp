@@ -16,11 +16,15 @@ TORCH_LIBRARY(fastflow, m) {
   // Fused elementwise part of a coupling layer plus its per-sample log-det.
   // activation: 0 additive (NICE), 1 exp of clamp*tanh(h/clamp) (Real NVP), 2 sigmoid(h+2) (Glow).
   // inverse=true applies the inverse map; the log-det returned is then log|det dx/dy|.
+  // save_scale=true also returns the activated scale (s for exp, sigmoid(h + 2) for sigmoid),
+  // from which the backward runs without recomputing any transcendental; else an empty tensor.
   m.def(
       "affine_coupling(Tensor x, Tensor? log_scale, Tensor shift, int activation, float clamp, "
-      "bool inverse) -> (Tensor, Tensor)");
+      "bool inverse, bool save_scale) -> (Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. the input (x, or y for the inverse) and the raw log-scale; the shift's
+  // gradient is +-grad_out or +-grad_input and is formed by the caller.
   m.def(
       "affine_coupling_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, "
-      "Tensor? log_scale, Tensor shift, int activation, float clamp, bool inverse) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor scale, Tensor shift, int activation, float clamp, bool inverse) "
+      "-> (Tensor, Tensor)");
 }

@@ -151,10 +151,10 @@ def test_backward_op_matches_reference_formula(activation, inverse):
     code = fastflow.ops.ACTIVATIONS[activation]
     ls = None if activation == "additive" else h
     for clamp in CLAMPS:
-        dn = torch.ops.fastflow.affine_coupling_backward(g, gl, x, ls, t, code, clamp, inverse)
+        scale = torch.ops.fastflow.affine_coupling(x, ls, t, code, clamp, inverse, True)[2]
+        dn = torch.ops.fastflow.affine_coupling_backward(g, gl, x, scale, t, code, clamp, inverse)
         dr = affine_coupling_backward_reference(g, gl, x, ls, t, activation, clamp, inverse)
         torch.testing.assert_close(dn[0], dr[0])
-        torch.testing.assert_close(dn[2], dr[2])
         if ls is None:
             assert dn[1].numel() == 0 and dr[1] is None
         else:
@@ -209,17 +209,19 @@ def test_opcheck(device, activation, inverse):
         x, h, t = _inputs(shape, torch.float32, device, layout=layout)
         ls = None if activation == "additive" else h
         for requires_grad in (False, True):
-            args = [v.detach().requires_grad_(requires_grad) for v in (x, t)]
-            ls_arg = None if ls is None else ls.detach().requires_grad_(requires_grad)
-            torch.library.opcheck(
-                torch.ops.fastflow.affine_coupling.default,
-                (args[0], ls_arg, args[1], code, 2.0, inverse),
-            )
+            for save_scale in (False, True):
+                args = [v.detach().requires_grad_(requires_grad) for v in (x, t)]
+                ls_arg = None if ls is None else ls.detach().requires_grad_(requires_grad)
+                torch.library.opcheck(
+                    torch.ops.fastflow.affine_coupling.default,
+                    (args[0], ls_arg, args[1], code, 2.0, inverse, save_scale),
+                )
+        scale = torch.ops.fastflow.affine_coupling(x, ls, t, code, 2.0, inverse, True)[2]
         g = torch.randn(shape, device=device)
         gl = torch.randn(shape[0], device=device)
         torch.library.opcheck(
             torch.ops.fastflow.affine_coupling_backward.default,
-            (g, gl, x, ls, t, code, 2.0, inverse),
+            (g, gl, x, scale, t, code, 2.0, inverse),
         )
 
 
@@ -312,20 +314,25 @@ def test_bad_options():
 def test_native_op_checks_arguments_itself():
     """The C++ kernel refuses bad input too (torch.ops.fastflow called directly)."""
     x = torch.randn(3, 4)
+    op, backward = torch.ops.fastflow.affine_coupling, torch.ops.fastflow.affine_coupling_backward
     with pytest.raises(RuntimeError, match="shift"):
-        torch.ops.fastflow.affine_coupling(x, x, torch.randn(3, 5), 1, 2.0, False)
+        op(x, x, torch.randn(3, 5), 1, 2.0, False, False)
     with pytest.raises(RuntimeError, match="activation"):
-        torch.ops.fastflow.affine_coupling(x, x, x, 7, 2.0, False)
+        op(x, x, x, 7, 2.0, False, False)
     with pytest.raises(RuntimeError, match="log_scale"):
-        torch.ops.fastflow.affine_coupling(x, None, x, 1, 2.0, False)
+        op(x, None, x, 1, 2.0, False, False)
+    with pytest.raises(RuntimeError, match="clamp"):
+        op(x, x, x, 1, -1.0, False, False)
     with pytest.raises(RuntimeError, match="empty batch"):
         e = torch.randn(0, 4)
-        torch.ops.fastflow.affine_coupling(e, e, e, 1, 2.0, False)
+        op(e, e, e, 1, 2.0, False, False)
     with pytest.raises(RuntimeError, match="grad_logdet"):
-        torch.ops.fastflow.affine_coupling_backward(x, torch.randn(2), x, x, x, 1, 2.0, False)
+        backward(x, torch.randn(2), x, x, x, 1, 2.0, False)
+    with pytest.raises(RuntimeError, match="scale"):
+        backward(x, torch.randn(3), x, torch.randn(0), x, 1, 2.0, False)
     with pytest.raises(RuntimeError, match="float32 and float64"):
         h = x.half()
-        torch.ops.fastflow.affine_coupling(h, h, h, 1, 2.0, False)
+        op(h, h, h, 1, 2.0, False, False)
 
 
 def test_backend_selection():

@@ -80,9 +80,10 @@ inline int64_t grain_for(int64_t per_sample) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_sample, 1));
 }
 
+// `scale` (may be null) receives what the backward needs: s for exp, sigmoid(h + 2) for sigmoid.
 template <typename T, CouplingActivation A, bool Inverse, bool Clamped>
-void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, int64_t B, int64_t N,
-                    T clamp) {
+void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, T* scale, int64_t B,
+                    int64_t N, T clamp) {
   const T inv_clamp = T(1) / clamp;
   constexpr int64_t W = Vec<T>::size();
   at::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
@@ -98,6 +99,9 @@ void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, int64
           yv = Inverse ? xv - tv : xv + tv;
         } else if constexpr (A == CouplingActivation::Exp) {
           const ExpScale<T, Clamped> sc(load(h + off + j, n), clamp, inv_clamp);
+          if (scale != nullptr) {
+            store(sc.s, scale + off + j, n);
+          }
           if constexpr (Inverse) {
             yv = (xv - tv) * vecmath::exp(sc.s.neg());
             acc = acc - Vec<T>::set(Vec<T>(T(0)), sc.s, n);
@@ -107,6 +111,9 @@ void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, int64
           }
         } else {
           const SigmoidScale<T> sc(load(h + off + j, n));
+          if (scale != nullptr) {
+            store(sc.s, scale + off + j, n);
+          }
           if constexpr (Inverse) {
             yv = xv / sc.s - tv;
             acc = acc - Vec<T>::set(Vec<T>(T(0)), sc.log_s, n);
@@ -122,9 +129,12 @@ void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, int64
   });
 }
 
+// Backward from the scale the forward saved (no activation is recomputed). Formulas: REFERENCE.md
+// 4.1; the shift's gradient is g, the input's gradient or their negation, so the Python side
+// forms it without a kernel.
 template <typename T, CouplingActivation A, bool Inverse, bool Clamped>
-void backward_kernel(const T* g, const T* gl, const T* u, const T* h, const T* t, T* du, T* dh,
-                     T* dt, int64_t B, int64_t N, T clamp) {
+void backward_kernel(const T* g, const T* gl, const T* u, const T* scale, const T* t, T* du,
+                     T* dh, int64_t B, int64_t N, T clamp) {
   const T inv_clamp = T(1) / clamp;
   constexpr int64_t W = Vec<T>::size();
   at::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
@@ -136,41 +146,42 @@ void backward_kernel(const T* g, const T* gl, const T* u, const T* h, const T* t
         const Vec<T> gv = load(g + off + j, n);
         if constexpr (A == CouplingActivation::Additive) {
           store(gv, du + off + j, n);
-          store(Inverse ? gv.neg() : gv, dt + off + j, n);
-        } else if constexpr (A == CouplingActivation::Exp) {
-          const Vec<T> uv = load(u + off + j, n);
-          const ExpScale<T, Clamped> sc(load(h + off + j, n), clamp, inv_clamp);
-          if constexpr (Inverse) {
-            // x = (y - t) e^{-s}: dy = g e^{-s}, dt = -dy, dh = -(g x + gl) ds/dh
-            const Vec<T> ei = vecmath::exp(sc.s.neg());
-            const Vec<T> duv = gv * ei;
-            const Vec<T> xo = (uv - load(t + off + j, n)) * ei;
-            store(duv, du + off + j, n);
-            store(duv.neg(), dt + off + j, n);
-            store((at::vec::fmadd(gv, xo, glv) * sc.dsdh).neg(), dh + off + j, n);
-          } else {
-            // y = x e^s + t: dx = g e^s, dt = g, dh = (g x e^s + gl) ds/dh
-            const Vec<T> duv = gv * vecmath::exp(sc.s);
-            store(duv, du + off + j, n);
-            store(gv, dt + off + j, n);
-            store(at::vec::fmadd(duv, uv, glv) * sc.dsdh, dh + off + j, n);
-          }
         } else {
           const Vec<T> uv = load(u + off + j, n);
-          const SigmoidScale<T> sc(load(h + off + j, n));
-          if constexpr (Inverse) {
-            // x = y / s - t: dy = g / s, dt = -g, dh = -(1 - s)(g y / s + gl)
-            const Vec<T> duv = gv / sc.s;
-            store(duv, du + off + j, n);
-            store(gv.neg(), dt + off + j, n);
-            store((at::vec::fmadd(duv, uv, glv) * sc.one_minus_s).neg(), dh + off + j, n);
+          const Vec<T> sv = load(scale + off + j, n);
+          if constexpr (A == CouplingActivation::Exp) {
+            // ds/dh = 1 - tanh^2(h / clamp) = 1 - (s / clamp)^2
+            Vec<T> dsdh(T(1));
+            if constexpr (Clamped) {
+              const Vec<T> th = sv * Vec<T>(inv_clamp);
+              dsdh = dsdh - th * th;
+            }
+            if constexpr (Inverse) {
+              // x = (y - t) e^{-s}: dy = g e^{-s}, dh = -(g x + gl) ds/dh
+              const Vec<T> ei = vecmath::exp(sv.neg());
+              const Vec<T> xo = (uv - load(t + off + j, n)) * ei;
+              store(gv * ei, du + off + j, n);
+              store((at::vec::fmadd(gv, xo, glv) * dsdh).neg(), dh + off + j, n);
+            } else {
+              // y = x e^s + t: dx = g e^s, dh = (g x e^s + gl) ds/dh
+              const Vec<T> duv = gv * vecmath::exp(sv);
+              store(duv, du + off + j, n);
+              store(at::vec::fmadd(duv, uv, glv) * dsdh, dh + off + j, n);
+            }
           } else {
-            // y = (x + t) s: dx = dt = g s, dh = (g (x + t) s + gl)(1 - s)
-            const Vec<T> duv = gv * sc.s;
-            const Vec<T> xt = uv + load(t + off + j, n);
-            store(duv, du + off + j, n);
-            store(duv, dt + off + j, n);
-            store(at::vec::fmadd(duv, xt, glv) * sc.one_minus_s, dh + off + j, n);
+            const Vec<T> one_minus_s = Vec<T>(T(1)) - sv;
+            if constexpr (Inverse) {
+              // x = y / s - t: dy = g / s, dh = -(1 - s)(g y / s + gl)
+              const Vec<T> duv = gv / sv;
+              store(duv, du + off + j, n);
+              store((at::vec::fmadd(duv, uv, glv) * one_minus_s).neg(), dh + off + j, n);
+            } else {
+              // y = (x + t) s: dx = g s, dh = (g (x + t) s + gl)(1 - s)
+              const Vec<T> duv = gv * sv;
+              const Vec<T> xt = uv + load(t + off + j, n);
+              store(duv, du + off + j, n);
+              store(at::vec::fmadd(duv, xt, glv) * one_minus_s, dh + off + j, n);
+            }
           }
         }
       }
@@ -216,10 +227,9 @@ void check_cpu_dtype(const at::Tensor& x) {
               x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> affine_coupling_cpu(const at::Tensor& x,
-                                                       const c10::optional<at::Tensor>& log_scale,
-                                                       const at::Tensor& shift, int64_t activation,
-                                                       double clamp, bool inverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& log_scale, const at::Tensor& shift,
+    int64_t activation, double clamp, bool inverse, bool save_scale) {
   const auto act = check_affine_coupling_args(x, log_scale, shift, activation, clamp);
   TORCH_CHECK(x.device().is_cpu(), "fastflow: x must be a CPU tensor for the CPU kernel");
   check_cpu_dtype(x);
@@ -230,62 +240,52 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cpu(const at::Tensor& x,
   const at::Tensor hc = has_scale ? log_scale->contiguous(fmt) : at::Tensor();
   at::Tensor out = at::empty_like(xc, fmt);
   at::Tensor logdet = at::empty({x.size(0)}, x.options());
+  at::Tensor scale = (save_scale && has_scale) ? at::empty_like(xc, fmt) : at::empty({0}, x.options());
   const int64_t B = x.size(0);
-  const int64_t N = B == 0 ? 0 : x.numel() / B;
-  const bool clamped = std::isfinite(clamp);
+  const int64_t N = x.numel() / B;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_cpu", [&] {
-    dispatch_variant(act, inverse, clamped, [&](auto a, auto i, auto c) {
+    dispatch_variant(act, inverse, std::isfinite(clamp), [&](auto a, auto i, auto c) {
       forward_kernel<scalar_t, decltype(a)::value, decltype(i)::value, decltype(c)::value>(
           xc.const_data_ptr<scalar_t>(), has_scale ? hc.const_data_ptr<scalar_t>() : nullptr,
           tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          logdet.mutable_data_ptr<scalar_t>(), B, N, static_cast<scalar_t>(clamp));
+          logdet.mutable_data_ptr<scalar_t>(),
+          scale.numel() > 0 ? scale.mutable_data_ptr<scalar_t>() : nullptr, B, N,
+          static_cast<scalar_t>(clamp));
     });
   });
-  return {out, logdet};
+  return {out, logdet, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
+std::tuple<at::Tensor, at::Tensor> affine_coupling_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_logdet, const at::Tensor& input,
-    const c10::optional<at::Tensor>& log_scale, const at::Tensor& shift, int64_t activation,
-    double clamp, bool inverse) {
-  const auto act = check_affine_coupling_args(input, log_scale, shift, activation, clamp);
+    const at::Tensor& scale, const at::Tensor& shift, int64_t activation, double clamp,
+    bool inverse) {
+  const auto act = check_affine_coupling_backward_args(grad_out, grad_logdet, input, scale, shift,
+                                                       activation, clamp);
   TORCH_CHECK(input.device().is_cpu(), "fastflow: input must be a CPU tensor for the CPU kernel");
   check_cpu_dtype(input);
-  check_same(input, "input", grad_out, "grad_out");
-  TORCH_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == input.size(0),
-              "fastflow: grad_logdet must have shape [", input.size(0), "], got ",
-              grad_logdet.sizes());
-  TORCH_CHECK(grad_logdet.scalar_type() == input.scalar_type() && grad_logdet.device().is_cpu(),
-              "fastflow: grad_logdet must be a CPU tensor of dtype ", input.scalar_type());
   const auto fmt = per_sample_format(input);
   const at::Tensor gc = grad_out.contiguous(fmt);
   const at::Tensor glc = grad_logdet.contiguous();
   const at::Tensor uc = input.contiguous(fmt);
   const at::Tensor tc = shift.contiguous(fmt);
   const bool has_scale = act != CouplingActivation::Additive;
-  const at::Tensor hc = has_scale ? log_scale->contiguous(fmt) : at::Tensor();
+  const at::Tensor sc = has_scale ? scale.contiguous(fmt) : at::Tensor();
   at::Tensor du = at::empty_like(uc, fmt);
-  at::Tensor dt = at::empty_like(uc, fmt);
-  at::Tensor dh;
-  if (log_scale.has_value() && log_scale->defined()) {
-    dh = has_scale ? at::empty_like(uc, fmt) : at::zeros_like(uc, fmt);
-  } else {
-    dh = at::empty({0}, input.options());
-  }
+  at::Tensor dh = has_scale ? at::empty_like(uc, fmt) : at::empty({0}, input.options());
   const int64_t B = input.size(0);
   const int64_t N = input.numel() / B;
-  const bool clamped = std::isfinite(clamp);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_coupling_backward_cpu", [&] {
-    dispatch_variant(act, inverse, clamped, [&](auto a, auto i, auto c) {
+    dispatch_variant(act, inverse, std::isfinite(clamp), [&](auto a, auto i, auto c) {
       backward_kernel<scalar_t, decltype(a)::value, decltype(i)::value, decltype(c)::value>(
           gc.const_data_ptr<scalar_t>(), glc.const_data_ptr<scalar_t>(),
-          uc.const_data_ptr<scalar_t>(), has_scale ? hc.const_data_ptr<scalar_t>() : nullptr,
+          uc.const_data_ptr<scalar_t>(), has_scale ? sc.const_data_ptr<scalar_t>() : nullptr,
           tc.const_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(),
-          has_scale ? dh.mutable_data_ptr<scalar_t>() : nullptr, dt.mutable_data_ptr<scalar_t>(),
-          B, N, static_cast<scalar_t>(clamp));
+          has_scale ? dh.mutable_data_ptr<scalar_t>() : nullptr, B, N,
+          static_cast<scalar_t>(clamp));
     });
   });
-  return {du, dh, dt};
+  return {du, dh};
 }
 
 }  // namespace

@@ -166,7 +166,14 @@ def _dispatch(
     if code == ACTIVATIONS["additive"]:
         log_scale = None
     if _native.use_native("affine_coupling", x):
-        return torch.ops.fastflow.affine_coupling(x, log_scale, shift, code, clamp, inverse)
+        # Keep the activated scale for the backward only when a backward can follow.
+        save = torch.is_grad_enabled() and (
+            x.requires_grad or shift.requires_grad or (log_scale is not None and log_scale.requires_grad)
+        )
+        out, logdet, _ = torch.ops.fastflow.affine_coupling.default(
+            x, log_scale, shift, code, clamp, inverse, save
+        )
+        return out, logdet
     return affine_coupling_reference(x, log_scale, shift, _NAMES[code], clamp, inverse=inverse)
 
 
@@ -276,33 +283,50 @@ def affine_coupling_backward_reference(
 # --------------------------------------------------------------------------------------------
 # Registration of the native operator with torch.compile (fake) and autograd.
 
+def _shift_grad(grad_out: Tensor, grad_in: Tensor, activation: int, inverse: bool) -> Tensor:
+    # y = x e^s + t and y = x + t pass g to t; y = (x + t) s passes g s, the input's gradient;
+    # the inverses negate: x = (y - t) e^{-s} gives -dy, x = y / s - t and y - t give -g.
+    if activation == ACTIVATIONS["sigmoid"]:
+        return -grad_out if inverse else grad_in
+    if activation == ACTIVATIONS["exp"] and inverse:
+        return -grad_in
+    return -grad_out if inverse else grad_out
+
+
 if _native.native_load_error() is None:
 
     @torch.library.register_fake("fastflow::affine_coupling")
-    def _affine_coupling_fake(x, log_scale, shift, activation, clamp, inverse):
-        out = torch.empty_like(x, memory_format=_per_sample_format(x))
-        return out, x.new_empty(x.shape[0], dtype=_logdet_dtype(x.dtype))
+    def _affine_coupling_fake(x, log_scale, shift, activation, clamp, inverse, save_scale):
+        fmt = _per_sample_format(x)
+        out = torch.empty_like(x, memory_format=fmt)
+        logdet = x.new_empty(x.shape[0], dtype=_logdet_dtype(x.dtype))
+        if save_scale and activation != ACTIVATIONS["additive"]:
+            scale = torch.empty_like(x, memory_format=fmt)
+        else:
+            scale = x.new_empty(0)
+        return out, logdet, scale
 
     @torch.library.register_fake("fastflow::affine_coupling_backward")
     def _affine_coupling_backward_fake(
-        grad_out, grad_logdet, input, log_scale, shift, activation, clamp, inverse
+        grad_out, grad_logdet, input, scale, shift, activation, clamp, inverse
     ):
         fmt = _per_sample_format(input)
         grad_in = torch.empty_like(input, memory_format=fmt)
-        grad_t = torch.empty_like(input, memory_format=fmt)
-        if log_scale is None:
+        if activation == ACTIVATIONS["additive"]:
             grad_h = input.new_empty(0)
         else:
             grad_h = torch.empty_like(input, memory_format=fmt)
-        return grad_in, grad_h, grad_t
+        return grad_in, grad_h
 
     def _setup_context(ctx, inputs, output):
-        x, log_scale, shift, activation, clamp, inverse = inputs
-        ctx.save_for_backward(x, log_scale, shift)
+        x, log_scale, shift, activation, clamp, inverse, _ = inputs
+        scale = output[2]
+        ctx.mark_non_differentiable(scale)
+        ctx.save_for_backward(x, log_scale, shift, scale)
         ctx.args = (activation, clamp, inverse)
 
-    def _backward(ctx, grad_out, grad_logdet):
-        x, log_scale, shift = ctx.saved_tensors
+    def _backward(ctx, grad_out, grad_logdet, _grad_scale):
+        x, log_scale, shift, scale = ctx.saved_tensors
         activation, clamp, inverse = ctx.args
         if grad_out is None:
             grad_out = torch.zeros_like(x)
@@ -310,16 +334,22 @@ if _native.native_load_error() is None:
             grad_logdet = x.new_zeros(x.shape[0], dtype=_logdet_dtype(x.dtype))
         if torch.is_grad_enabled():
             # create_graph=True: the same hand-derived formulas, in differentiable operations.
-            grad_x, grad_h, grad_t = affine_coupling_backward_reference(
+            return affine_coupling_backward_reference(
                 grad_out, grad_logdet, x, log_scale, shift, _NAMES[activation], clamp, inverse
-            )
+            ) + (None, None, None, None)
+        if activation == ACTIVATIONS["additive"]:
+            grad_x, grad_h = grad_out, None
         else:
-            grad_x, grad_h, grad_t = torch.ops.fastflow.affine_coupling_backward(
-                grad_out, grad_logdet, x, log_scale, shift, activation, clamp, inverse
+            if scale.numel() == 0:
+                # called directly with save_scale=False while inputs required grad
+                scale = torch.ops.fastflow.affine_coupling.default(
+                    x, log_scale, shift, activation, clamp, inverse, True
+                )[2]
+            grad_x, grad_h = torch.ops.fastflow.affine_coupling_backward.default(
+                grad_out, grad_logdet, x, scale, shift, activation, clamp, inverse
             )
-            if log_scale is None:
-                grad_h = None
-        return grad_x, grad_h, grad_t, None, None, None
+        grad_t = _shift_grad(grad_out, grad_x, activation, inverse)
+        return grad_x, grad_h, grad_t, None, None, None, None
 
     torch.library.register_autograd(
         "fastflow::affine_coupling", _backward, setup_context=_setup_context
