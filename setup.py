@@ -13,6 +13,8 @@ Environment switches:
                           fastflow/_build_config.py and is not loaded on a CPU without AVX2
                           (fastflow falls back to the reference and says why).
   FASTFLOW_NO_NATIVE=1    build nothing native (pure-PyTorch package)
+  FASTFLOW_WRITE_BUILD_CONFIG=0
+                          do not write fastflow/_build_config.py (out-of-tree builds)
 """
 
 from __future__ import annotations
@@ -54,12 +56,32 @@ def _want_cuda() -> bool:
 
 
 def _write_build_config(isa: str, cuda: bool, native: bool) -> None:
+    if os.environ.get("FASTFLOW_WRITE_BUILD_CONFIG", "1") == "0":
+        return  # an out-of-tree build (the CI's CUDA build check) leaves the tree alone
     (ROOT / "fastflow" / "_build_config.py").write_text(
         "# Written by setup.py; describes how fastflow._C was built.\n"
         f"NATIVE = {native!r}\n"
         f"CPU_ISA = {isa!r}\n"
         f"CUDA = {cuda!r}\n"
     )
+
+
+def _cuda_wheel_includes() -> list[str]:
+    """Header folders of the nvidia-* wheels a pip-installed CUDA torch depends on.
+
+    torch's CUDA headers include cusparse.h and friends, which such a torch finds in those
+    wheels (e.g. site-packages/nvidia/cu13/include) rather than in the toolkit.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in getattr(nvidia, "__path__", []):
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")):
+                found.append(inc)
+    return found
 
 
 def _extensions():
@@ -74,20 +96,22 @@ def _extensions():
     sources = ["csrc/fastflow.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is implemented inline with OpenMP pragmas in ATen's headers;
     # without it every kernel runs on one thread. libgomp resolves to the copy torch loads.
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
     if isa == "avx2":
         # ATen's at::vec::Vectorized is plain scalar code unless these are defined.
         cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     extra = {"cxx": cxx}
     ext_cls = CppExtension
+    include_dirs = [str(ROOT / "csrc" / "include")]
     if cuda:
+        include_dirs += _cuda_wheel_includes()
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         ext_cls = CUDAExtension
     ext = ext_cls(
         name="fastflow._C",
         sources=sources,
-        include_dirs=[str(ROOT / "csrc" / "include")],
+        include_dirs=include_dirs,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
