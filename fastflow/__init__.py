@@ -1,8 +1,31 @@
-"""fastflow: normalizing flows for PyTorch with hand-written C++/CUDA operators."""
+"""fastflow: normalizing flows for PyTorch with hand-written C++/CUDA operators.
+
+The public API: the Transform contract and Flow, the base distributions, the layers
+(:mod:`fastflow.nn`), the model builders (:mod:`fastflow.models`), the functional operators
+(:mod:`fastflow.ops`), toy data (:mod:`fastflow.data`) and the backend switch.
+"""
 
 from fastflow._native import backend, get_backend, native_available, native_load_error
 from fastflow import ops
+from fastflow.flow import Compose, Flow, InverseNotAvailable, Transform
+from fastflow.distributions import DiagonalGaussian, StandardNormal
+from fastflow import data, models, nn
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "get_backend", "native_available", "native_load_error", "ops"]
+__all__ = [
+    "Compose",
+    "DiagonalGaussian",
+    "Flow",
+    "InverseNotAvailable",
+    "StandardNormal",
+    "Transform",
+    "backend",
+    "data",
+    "get_backend",
+    "models",
+    "native_available",
+    "native_load_error",
+    "nn",
+    "ops",
+]
