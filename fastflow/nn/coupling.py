@@ -487,8 +487,8 @@ class AdditiveCoupling(_Coupling):
     Example:
         >>> layer = AdditiveCoupling(6, hidden=32)
         >>> y, logdet = layer(torch.randn(5, 6))
-        >>> logdet
-        tensor([0., 0., 0., 0., 0.])
+        >>> logdet.tolist()
+        [0.0, 0.0, 0.0, 0.0, 0.0]
     """
 
     _n_params = 1
