@@ -50,6 +50,9 @@ def _inputs(shape, dtype, device, layout="contiguous", scale=1.5, seed=0):
     elif layout == "strided":
         # every other column of a wider tensor: neither contiguous nor channels-last
         ts = [torch.cat([t, t], dim=-1)[..., ::2] for t in ts]
+    elif layout == "row_slice":
+        # the second half of a conditioner's output: samples dense but 2N apart (read in place)
+        ts = [torch.cat([torch.zeros_like(t), t], dim=1)[:, t.shape[1]:] for t in ts]
     return ts
 
 
@@ -100,7 +103,7 @@ def test_native_matches_reference(device, activation, inverse, shape):
 
 @requires_native
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "row_slice"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_layouts(device, layout, activation):
     if not _native_on(device):
@@ -116,7 +119,10 @@ def test_layouts(device, layout, activation):
     # the backward takes channels-last and strided upstream gradients too
     x.requires_grad_(True)
     y_n, ld_n = _run(affine_coupling, "native", x, h, t, activation)
-    gy = torch.randn_like(y_n).contiguous(memory_format=torch.channels_last) if layout == "channels_last" else torch.randn(4, 18)[:, ::2]
+    if layout == "channels_last":
+        gy = torch.randn_like(y_n).contiguous(memory_format=torch.channels_last)
+    else:
+        gy = torch.randn(4, 18, device=device)[:, ::2] if layout == "strided" else torch.randn(4, 18, device=device)[:, 9:]
     (gx,) = torch.autograd.grad(y_n, x, gy)
     xr = x.detach().contiguous().requires_grad_(True)
     y_r, _ = _run(affine_coupling, "reference", xr, h.contiguous(), t.contiguous(), activation)
@@ -205,7 +211,12 @@ def test_opcheck(device, activation, inverse):
     if not _native_on(device):
         pytest.skip(f"no native kernel for {device}")
     code = fastflow.ops.ACTIVATIONS[activation]
-    for shape, layout in [((4, 6), "contiguous"), ((2, 3, 4, 5), "channels_last"), ((3, 10), "strided")]:
+    for shape, layout in [
+        ((4, 6), "contiguous"),
+        ((2, 3, 4, 5), "channels_last"),
+        ((3, 10), "strided"),
+        ((3, 2, 5), "row_slice"),
+    ]:
         x, h, t = _inputs(shape, torch.float32, device, layout=layout)
         ls = None if activation == "additive" else h
         for requires_grad in (False, True):

@@ -82,23 +82,26 @@ inline int64_t grain_for(int64_t per_sample) {
 
 // `scale` (may be null) receives what the backward needs: s for exp, sigmoid(h + 2) for sigmoid.
 template <typename T, CouplingActivation A, bool Inverse, bool Clamped>
-void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, T* scale, int64_t B,
-                    int64_t N, T clamp) {
+void forward_kernel(const T* x, int64_t sx, const T* h, int64_t sh, const T* t, int64_t st, T* out,
+                    T* logdet, T* scale, int64_t B, int64_t N, T clamp) {
   const T inv_clamp = T(1) / clamp;
   constexpr int64_t W = Vec<T>::size();
   at::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t off = b * N;
+      const int64_t off = b * N;  // outputs are fresh, dense tensors
+      const T* xb = x + b * sx;
+      const T* hb = h == nullptr ? nullptr : h + b * sh;
+      const T* tb = t + b * st;
       Vec<T> acc(T(0));
       for (int64_t j = 0; j < N; j += W) {
         const int64_t n = std::min<int64_t>(W, N - j);
-        const Vec<T> xv = load(x + off + j, n);
-        const Vec<T> tv = load(t + off + j, n);
+        const Vec<T> xv = load(xb + j, n);
+        const Vec<T> tv = load(tb + j, n);
         Vec<T> yv;
         if constexpr (A == CouplingActivation::Additive) {
           yv = Inverse ? xv - tv : xv + tv;
         } else if constexpr (A == CouplingActivation::Exp) {
-          const ExpScale<T, Clamped> sc(load(h + off + j, n), clamp, inv_clamp);
+          const ExpScale<T, Clamped> sc(load(hb + j, n), clamp, inv_clamp);
           if (scale != nullptr) {
             store(sc.s, scale + off + j, n);
           }
@@ -110,7 +113,7 @@ void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, T* sc
             acc = acc + Vec<T>::set(Vec<T>(T(0)), sc.s, n);
           }
         } else {
-          const SigmoidScale<T> sc(load(h + off + j, n));
+          const SigmoidScale<T> sc(load(hb + j, n));
           if (scale != nullptr) {
             store(sc.s, scale + off + j, n);
           }
@@ -133,21 +136,24 @@ void forward_kernel(const T* x, const T* h, const T* t, T* out, T* logdet, T* sc
 // 4.1; the shift's gradient is g, the input's gradient or their negation, so the Python side
 // forms it without a kernel.
 template <typename T, CouplingActivation A, bool Inverse, bool Clamped>
-void backward_kernel(const T* g, const T* gl, const T* u, const T* scale, const T* t, T* du,
-                     T* dh, int64_t B, int64_t N, T clamp) {
+void backward_kernel(const T* g, int64_t sg, const T* gl, const T* u, int64_t su, const T* scale,
+                     const T* t, int64_t st, T* du, T* dh, int64_t B, int64_t N, T clamp) {
   const T inv_clamp = T(1) / clamp;
   constexpr int64_t W = Vec<T>::size();
   at::parallel_for(0, B, grain_for(N), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t off = b * N;
+      const int64_t off = b * N;  // the saved scale and the outputs are dense
+      const T* gb = g + b * sg;
+      const T* ub = u + b * su;
+      const T* tb = t + b * st;
       const Vec<T> glv(gl[b]);
       for (int64_t j = 0; j < N; j += W) {
         const int64_t n = std::min<int64_t>(W, N - j);
-        const Vec<T> gv = load(g + off + j, n);
+        const Vec<T> gv = load(gb + j, n);
         if constexpr (A == CouplingActivation::Additive) {
           store(gv, du + off + j, n);
         } else {
-          const Vec<T> uv = load(u + off + j, n);
+          const Vec<T> uv = load(ub + j, n);
           const Vec<T> sv = load(scale + off + j, n);
           if constexpr (A == CouplingActivation::Exp) {
             // ds/dh = 1 - tanh^2(h / clamp) = 1 - (s / clamp)^2
@@ -159,7 +165,7 @@ void backward_kernel(const T* g, const T* gl, const T* u, const T* scale, const 
             if constexpr (Inverse) {
               // x = (y - t) e^{-s}: dy = g e^{-s}, dh = -(g x + gl) ds/dh
               const Vec<T> ei = vecmath::exp(sv.neg());
-              const Vec<T> xo = (uv - load(t + off + j, n)) * ei;
+              const Vec<T> xo = (uv - load(tb + j, n)) * ei;
               store(gv * ei, du + off + j, n);
               store((at::vec::fmadd(gv, xo, glv) * dsdh).neg(), dh + off + j, n);
             } else {
@@ -178,7 +184,7 @@ void backward_kernel(const T* g, const T* gl, const T* u, const T* scale, const 
             } else {
               // y = (x + t) s: dx = g s, dh = (g (x + t) s + gl)(1 - s)
               const Vec<T> duv = gv * sv;
-              const Vec<T> xt = uv + load(t + off + j, n);
+              const Vec<T> xt = uv + load(tb + j, n);
               store(duv, du + off + j, n);
               store(at::vec::fmadd(duv, xt, glv) * one_minus_s, dh + off + j, n);
             }
@@ -234,10 +240,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_cpu(
   TORCH_CHECK(x.device().is_cpu(), "fastflow: x must be a CPU tensor for the CPU kernel");
   check_cpu_dtype(x);
   const auto fmt = per_sample_format(x);
-  const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor tc = shift.contiguous(fmt);
+  // Inputs are read in place when each sample is one dense block, e.g. the halves of a
+  // conditioner's output (out[:, :D], out[:, D:]); anything else is copied once.
+  const at::Tensor xc = dense_samples(x, fmt);
+  const at::Tensor tc = dense_samples(shift, fmt);
   const bool has_scale = act != CouplingActivation::Additive;
-  const at::Tensor hc = has_scale ? log_scale->contiguous(fmt) : at::Tensor();
+  const at::Tensor hc = has_scale ? dense_samples(*log_scale, fmt) : at::Tensor();
   at::Tensor out = at::empty_like(xc, fmt);
   at::Tensor logdet = at::empty({x.size(0)}, x.options());
   at::Tensor scale = (save_scale && has_scale) ? at::empty_like(xc, fmt) : at::empty({0}, x.options());
@@ -246,8 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_cpu", [&] {
     dispatch_variant(act, inverse, std::isfinite(clamp), [&](auto a, auto i, auto c) {
       forward_kernel<scalar_t, decltype(a)::value, decltype(i)::value, decltype(c)::value>(
-          xc.const_data_ptr<scalar_t>(), has_scale ? hc.const_data_ptr<scalar_t>() : nullptr,
-          tc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          xc.const_data_ptr<scalar_t>(), sample_stride(xc),
+          has_scale ? hc.const_data_ptr<scalar_t>() : nullptr, has_scale ? sample_stride(hc) : 0,
+          tc.const_data_ptr<scalar_t>(), sample_stride(tc), out.mutable_data_ptr<scalar_t>(),
           logdet.mutable_data_ptr<scalar_t>(),
           scale.numel() > 0 ? scale.mutable_data_ptr<scalar_t>() : nullptr, B, N,
           static_cast<scalar_t>(clamp));
@@ -265,10 +274,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_backward_cpu(
   TORCH_CHECK(input.device().is_cpu(), "fastflow: input must be a CPU tensor for the CPU kernel");
   check_cpu_dtype(input);
   const auto fmt = per_sample_format(input);
-  const at::Tensor gc = grad_out.contiguous(fmt);
+  const at::Tensor gc = dense_samples(grad_out, fmt);
   const at::Tensor glc = grad_logdet.contiguous();
-  const at::Tensor uc = input.contiguous(fmt);
-  const at::Tensor tc = shift.contiguous(fmt);
+  const at::Tensor uc = dense_samples(input, fmt);
+  const at::Tensor tc = dense_samples(shift, fmt);
   const bool has_scale = act != CouplingActivation::Additive;
   const at::Tensor sc = has_scale ? scale.contiguous(fmt) : at::Tensor();
   at::Tensor du = at::empty_like(uc, fmt);
@@ -278,9 +287,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_coupling_backward_cpu", [&] {
     dispatch_variant(act, inverse, std::isfinite(clamp), [&](auto a, auto i, auto c) {
       backward_kernel<scalar_t, decltype(a)::value, decltype(i)::value, decltype(c)::value>(
-          gc.const_data_ptr<scalar_t>(), glc.const_data_ptr<scalar_t>(),
-          uc.const_data_ptr<scalar_t>(), has_scale ? sc.const_data_ptr<scalar_t>() : nullptr,
-          tc.const_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(),
+          gc.const_data_ptr<scalar_t>(), sample_stride(gc), glc.const_data_ptr<scalar_t>(),
+          uc.const_data_ptr<scalar_t>(), sample_stride(uc),
+          has_scale ? sc.const_data_ptr<scalar_t>() : nullptr, tc.const_data_ptr<scalar_t>(),
+          sample_stride(tc), du.mutable_data_ptr<scalar_t>(),
           has_scale ? dh.mutable_data_ptr<scalar_t>() : nullptr, B, N,
           static_cast<scalar_t>(clamp));
     });

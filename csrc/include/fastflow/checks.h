@@ -33,4 +33,30 @@ inline at::MemoryFormat per_sample_format(const at::Tensor& t) {
   return at::MemoryFormat::Contiguous;
 }
 
+// `t` itself when each sample is a dense block in `fmt`, samples any distance apart (a row slice
+// such as out[:, :D] of a wider tensor); else a copy in `fmt`. Kernels then address sample b at
+// data + b * sample_stride(t).
+inline at::Tensor dense_samples(const at::Tensor& t, at::MemoryFormat fmt) {
+  if (t.is_contiguous(fmt)) {
+    return t;
+  }
+  if (fmt == at::MemoryFormat::Contiguous) {
+    int64_t inner = 1;
+    bool dense = true;
+    for (int64_t d = t.dim() - 1; d >= 1 && dense; --d) {
+      dense = t.size(d) == 1 || t.stride(d) == inner;
+      inner *= t.size(d);
+    }
+    if (dense && t.stride(0) >= inner) {
+      return t;
+    }
+  }
+  return t.contiguous(fmt);
+}
+
+// Distance between consecutive samples of a tensor returned by dense_samples.
+inline int64_t sample_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : t.numel();
+}
+
 }  // namespace fastflow
