@@ -6,9 +6,10 @@
 // enough loads in flight without paying much for the per-sample reduction. Each sample is one
 // dense block of N elements (contiguous or channels-last), read as 16-byte vectors where every
 // pointer is aligned and N is a multiple of the vector width, else element by element.
-//  - rows (N <= kRowsMaxVecs vectors, tabular data such as [4096, 64]): a segment of a warp,
-//    the smallest power of two >= the sample's vector count (at most 32 lanes), owns a sample
-//    and reduces it with shuffles. [4096, 64] float is 16 float4 per sample: 16 lanes, one load
+//  - rows (small samples, tabular data such as [4096, 64]): a segment of a warp, the
+//    smallest power of two >= the sample's vector count (at most 32 lanes), owns a sample and
+//    reduces it with shuffles; used up to one vector per lane, or up to 8 when there are
+//    samples enough to fill the card (see make_plan). [4096, 64] float is 16 float4 per sample: 16 lanes, one load
 //    per tensor each, 2 samples per warp, every lane busy, no atomics and no zero-fill. A
 //    block per sample would leave most of its 256 threads idle and add a block reduction per
 //    64 elements.
@@ -35,6 +36,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "fastflow/affine_coupling.h"
 
@@ -294,16 +296,19 @@ struct Plan {
 };
 
 Plan make_plan(int64_t B, int64_t vecs) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   Plan p;
-  p.rows = vecs <= kRowsMaxVecs;
+  while ((int64_t{1} << p.seg_log2) < vecs && p.seg_log2 < 5) {
+    ++p.seg_log2;
+  }
+  p.blocks = ((B << p.seg_log2) + kThreads - 1) / kThreads;
+  // Past one vector per lane, rows only pays when there are samples enough to fill the card:
+  // [512, 1024] float would be 512 warps on 132 SMs, where a block per sample gives each
+  // thread one vector and keeps 4x more loads in flight.
+  p.rows = vecs <= kWarp || (vecs <= kRowsMaxVecs && p.blocks >= kBlocksPerSm * sms / 2);
   if (p.rows) {
-    while ((int64_t{1} << p.seg_log2) < vecs && p.seg_log2 < 5) {
-      ++p.seg_log2;
-    }
-    p.blocks = ((B << p.seg_log2) + kThreads - 1) / kThreads;
     return p;
   }
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   p.chunk_vecs = kChunkVecs;
   auto chunks_for = [&](int64_t cv) { return (vecs + cv - 1) / cv; };
   while (p.chunk_vecs > kThreads && B * chunks_for(p.chunk_vecs) < kBlocksPerSm * sms) {

@@ -12,7 +12,8 @@ activation     forward ``y``                                   log-det per sampl
 ``"additive"`` ``x + t`` (NICE)                                ``0``
 =============  ==============================================  =====================
 
-The sums run over every non-batch dimension. ``clamp=inf`` turns the soft clamp off
+The sums run over every non-batch dimension. ``"additive"`` has nothing to fuse and runs as one
+ATen addition under every backend (the native operator accepts it too). ``clamp=inf`` turns the soft clamp off
 (``s = h``), as in the original Real NVP. The inverse maps ``y`` back to ``x`` and returns
 ``log|det dx/dy|``, the negative of the forward log-det.
 
@@ -164,7 +165,10 @@ def _dispatch(
     x: Tensor, log_scale: Tensor | None, shift: Tensor, code: int, clamp: float, inverse: bool
 ) -> tuple[Tensor, Tensor]:
     if code == ACTIVATIONS["additive"]:
-        log_scale = None
+        # Nothing to fuse: one ATen add whose backward passes the gradient through untouched.
+        # Measured (bench/RESULTS.md), the operator's fixed per-call cost made it 0.5-0.7x of
+        # this; the native kernel still takes "additive" when called as torch.ops.fastflow.*.
+        return affine_coupling_reference(x, None, shift, "additive", clamp, inverse=inverse)
     if _native.use_native("affine_coupling", x):
         # Keep the activated scale for the backward only when a backward can follow.
         save = torch.is_grad_enabled() and (
