@@ -4,5 +4,8 @@ Each family lives in its own file; this package re-exports the public layers.
 """
 
 from fastflow.nn.coupling import MASKS, MLP, AdditiveCoupling, AffineCoupling, ConvNet
+from fastflow.nn.actnorm import ActNorm, initialize_actnorm
+from fastflow.nn.multiscale import SplitPrior, Squeeze, ZeroConv2d
 
-__all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet"]
+__all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
+           "ActNorm", "initialize_actnorm", "Squeeze", "SplitPrior", "ZeroConv2d"]
