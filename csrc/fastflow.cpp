@@ -27,4 +27,16 @@ TORCH_LIBRARY(fastflow, m) {
       "affine_coupling_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, "
       "Tensor scale, Tensor shift, int activation, float clamp, bool inverse) "
       "-> (Tensor, Tensor)");
+  // Glow's invertible 1x1 convolution over a PLU decomposition, W = P A B with
+  // A = strict-lower(lower) + I, B = strict-upper(upper) + diag(sign * exp(log_s)) and
+  // P[i, perm[i]] = 1, applied per pixel over the channels (dim 1) of x. Returns (out, logdet):
+  // W x and H*W*sum(log_s), or with inverse=true W^{-1} x (triangular solves) and its negation.
+  m.def(
+      "invconv_plu(Tensor x, Tensor perm, Tensor lower, Tensor upper, Tensor sign, "
+      "Tensor log_s, bool inverse) -> (Tensor, Tensor)");
+  // Gradients w.r.t. input (x, or y for the inverse), lower, upper and log_s.
+  m.def(
+      "invconv_plu_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor perm, "
+      "Tensor lower, Tensor upper, Tensor sign, Tensor log_s, bool inverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

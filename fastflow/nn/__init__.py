@@ -6,6 +6,8 @@ Each family lives in its own file; this package re-exports the public layers.
 from fastflow.nn.coupling import MASKS, MLP, AdditiveCoupling, AffineCoupling, ConvNet
 from fastflow.nn.actnorm import ActNorm, initialize_actnorm
 from fastflow.nn.multiscale import SplitPrior, Squeeze, ZeroConv2d
+from fastflow.nn.invconv import InvertibleConv1x1
 
 __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
-           "ActNorm", "initialize_actnorm", "Squeeze", "SplitPrior", "ZeroConv2d"]
+           "ActNorm", "initialize_actnorm", "Squeeze", "SplitPrior", "ZeroConv2d",
+           "InvertibleConv1x1"]

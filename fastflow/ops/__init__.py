@@ -7,6 +7,14 @@ from fastflow.ops.affine_coupling import (
     affine_coupling_inverse,
     affine_coupling_reference,
 )
+from fastflow.ops.invconv import (
+    invconv_plu,
+    invconv_plu_backward_reference,
+    invconv_plu_inverse,
+    invconv_plu_reference,
+    plu_inverse_weight,
+    plu_weight,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -14,4 +22,10 @@ __all__ = [
     "affine_coupling_backward_reference",
     "affine_coupling_inverse",
     "affine_coupling_reference",
+    "invconv_plu",
+    "invconv_plu_backward_reference",
+    "invconv_plu_inverse",
+    "invconv_plu_reference",
+    "plu_inverse_weight",
+    "plu_weight",
 ]
