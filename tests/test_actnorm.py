@@ -24,14 +24,7 @@ from fastflow import Compose, Flow
 from fastflow.nn import ActNorm, AffineCoupling, initialize_actnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast when the machine is idle, and on a busy 2-core
-    machine two OpenMP threads spin against other processes (10-20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomized(c: int, logscale_factor: float = 1.0, seed: int = 0, dtype=torch.float64) -> ActNorm:

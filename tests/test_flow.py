@@ -32,14 +32,7 @@ def backend(request):
         yield request.param
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny tensors: one thread is as fast when the machine is idle, and on a busy
-    2-core machine two OpenMP threads spin against other processes (10-20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ElementwiseAffine(Transform):

@@ -22,13 +22,7 @@ SHAPES = [(1, 1), (3, 5), (17, 33), (2, 3, 4, 5), (5, 6, 7, 3), (2, 7, 1, 1), (4
 requires_native = pytest.mark.skipif(not NATIVE, reason="fastflow._C is not built")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # This file is GEMM-bound on tiny matrices: one thread avoids OpenMP contention on the CI VM.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _native_on(device: str) -> bool:

@@ -17,14 +17,7 @@ import torch
 from fastflow.nn import SplitPrior, Squeeze, ZeroConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast when the machine is idle, and on a busy 2-core
-    machine two OpenMP threads spin against other processes (10-20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.flow import Transform
+from fastflow.ops._common import pixels as _pixels
 from fastflow.ops.invconv import invconv_plu, invconv_plu_inverse, plu_inverse_weight, plu_weight
 
 __all__ = ["InvertibleConv1x1"]
@@ -36,13 +37,6 @@ def _apply_1x1(w: Tensor, x: Tensor) -> Tensor:
     if x.dim() == 2:
         return x @ w.t()
     return (w @ x.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
-
-
-def _pixels(x: Tensor) -> int:
-    n = 1
-    for s in x.shape[2:]:
-        n *= s
-    return n
 
 
 class InvertibleConv1x1(Transform):

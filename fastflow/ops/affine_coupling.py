@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastflow import _native
+from fastflow.ops._common import opmath_dtype as _logdet_dtype
+from fastflow.ops._common import per_sample_format as _per_sample_format
 
 __all__ = [
     "ACTIVATIONS",
@@ -52,17 +54,6 @@ _native.register_native_dtypes("affine_coupling", "cpu", (torch.float32, torch.f
 _native.register_native_dtypes(
     "affine_coupling", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 )
-
-
-def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _per_sample_format(x: Tensor) -> torch.memory_format:
-    # Mirrors fastflow::per_sample_format in csrc/include/fastflow/checks.h.
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check_args(

@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 from fastflow import _native
+from fastflow.ops._common import opmath_dtype as _param_dtype
+from fastflow.ops._common import per_sample_format as _per_sample_format
+from fastflow.ops._common import pixels as _pixels
 
 __all__ = [
     "invconv_plu",
@@ -41,17 +44,6 @@ _native.register_native_dtypes("invconv_plu", "cpu", (torch.float32, torch.float
 _native.register_native_dtypes(
     "invconv_plu", "cuda", (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 )
-
-
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _per_sample_format(x: Tensor) -> torch.memory_format:
-    # Mirrors fastflow::per_sample_format in csrc/include/fastflow/checks.h.
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check_args(
@@ -187,13 +179,6 @@ def _apply_1x1(m: Tensor, x: Tensor) -> Tensor:
     if x.dim() == 2:
         return xf @ m.t()
     return (m @ xf.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
-
-
-def _pixels(x: Tensor) -> int:
-    n = 1
-    for s in x.shape[2:]:
-        n *= s
-    return n
 
 
 def invconv_plu_reference(
