@@ -9,8 +9,8 @@ from the second when ``k`` is odd (``flip``), so every feature is transformed by
 layer. The halves are taken as views (``narrow``) and joined with one ``cat``; no permutation
 layer sits between the couplings.
 
-Multi-scale models (Glow, multi-scale Real NVP) will reuse :func:`_image_couplings` for the
-couplings of each scale, between squeeze and split layers.
+:class:`Glow` is the multi-scale model (squeeze, steps, split per level); with
+``activation="exp", invconv=False`` it is a multi-scale Real NVP with channel-wise couplings.
 
 References:
     Dinh, Sohl-Dickstein, Bengio. "Density estimation using Real NVP" (2016),
@@ -28,7 +28,7 @@ from fastflow.distributions import _event_shape
 from fastflow.flow import Flow
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 
-__all__ = ["RealNVP", "RealNVPImage"]
+__all__ = ["RealNVP", "RealNVPImage", "Glow"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
 
@@ -179,3 +179,148 @@ class RealNVPImage(Flow):
             shape, n_couplings, hidden, n_hidden_layers, context_features, activation, clamp
         )
         super().__init__(layers, base=base, event_shape=shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Glow (multi-scale), also multi-scale Real NVP
+
+
+
+class Glow(Flow):
+    """Multi-scale Glow for images ``[B, C, H, W]`` (also multi-scale Real NVP).
+
+    ``levels`` levels of: squeeze, ``depth`` :class:`~fastflow.nn.GlowStep`\\ s (ActNorm -> 1x1
+    convolution over PLU -> affine coupling with the sigmoid scale), and, for all levels but the
+    last, a split: half the channels are factored out with a learned prior
+    ``p(z2 | z1) = N(mu(z1), exp(log_std(z1))^2)`` (:class:`~fastflow.nn.SplitPrior`). The top
+    latent has the prior ``base``, a :class:`~fastflow.DiagonalGaussian` over ``top_shape``
+    (per-position mean and log-std, learned with ``learn_top=True``, zero at the start).
+
+    Contract (DESIGN.md, "Points the contract settles"):
+
+    * ``forward(x) -> (z, logdet)``: ``z`` has ``x``'s shape, the factored-out parts put back
+      where their channels were (layout: :mod:`fastflow.nn.glow`; ``model.multiscale.split_latent``
+      takes it apart); ``logdet`` is the sum of the steps' log-dets (the priors are not in it).
+    * ``inverse(z)`` maps such a latent back to data.
+    * ``log_prob(x) = log p_top(z_top) + sum_i log p(z2_i | z1_i) + logdet``.
+    * ``sample(n, temperature=T)`` scales the standard deviation of every prior by ``T``, the
+      top prior and the split priors alike (``z2 = mu + T * sigma * eps``);
+      ``sample_and_log_prob`` returns the model's (temperature-1) log-density of its samples in
+      the same pass.
+
+    ActNorm is initialised from data: by the first forward in training mode, or explicitly with
+    :func:`fastflow.nn.initialize_actnorm` ``(model, batch)``; before that, sampling raises
+    ``RuntimeError``. Dequantisation and the bits/dim bookkeeping are left to the caller.
+
+    Multi-scale Real NVP: ``activation="exp", invconv=False`` (no 1x1 convolution; the coupling's
+    transformed half alternates from step to step; ActNorm stays unless ``actnorm=False``).
+
+    Kingma, Dhariwal. "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018),
+    https://arxiv.org/abs/1807.03039; Dinh, Sohl-Dickstein, Bengio. "Density estimation using
+    Real NVP" (2016), https://arxiv.org/abs/1605.08803.
+
+    Arguments:
+        shape: the image shape ``(C, H, W)``, ``H`` and ``W`` divisible by ``2**levels``.
+        levels: number of levels ``L`` (Glow: 3 at 32x32).
+        depth: steps per level ``K`` (Glow: 32).
+        hidden: channels of each coupling conditioner's hidden layers (Glow: 512).
+        n_hidden_layers: hidden layers per conditioner.
+        learn_top: learn the top prior's mean and log-std (False: standard normal).
+        coupling: ``"affine"`` or ``"additive"``.
+        activation: ``"sigmoid"`` (Glow) or ``"exp"`` (Real NVP, soft-clamped by ``clamp``).
+        invconv: include the invertible 1x1 convolutions.
+        lu: PLU parametrisation of the 1x1 convolutions.
+        actnorm: include the ActNorms.
+        clamp: soft clamp of the ``"exp"`` activation.
+        split_kernel: kernel size of the split priors' convolution.
+
+    Example:
+        >>> model = Glow((3, 8, 8), levels=2, depth=2, hidden=16)
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> z, logdet = model(x)             # training mode: the ActNorms initialise on x
+        >>> z.shape, model.log_prob(x).shape
+        (torch.Size([4, 3, 8, 8]), torch.Size([4]))
+        >>> model.sample(2, temperature=0.7).shape
+        torch.Size([2, 3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int] = (3, 32, 32),
+        levels: int = 3,
+        depth: int = 32,
+        hidden: int = 512,
+        n_hidden_layers: int = 2,
+        learn_top: bool = True,
+        coupling: str = "affine",
+        activation: str = "sigmoid",
+        invconv: bool = True,
+        lu: bool = True,
+        actnorm: bool = True,
+        clamp: float = 2.0,
+        split_kernel: int = 3,
+    ):
+        from fastflow.distributions import DiagonalGaussian
+        from fastflow.nn.glow import MultiScale
+
+        shape = _event_shape(shape, "shape")
+        if len(shape) != 3:
+            raise ValueError(f"shape must be an image shape (C, H, W), got {tuple(shape)}")
+        multiscale = MultiScale(
+            shape, levels=levels, depth=depth, hidden=hidden, n_hidden_layers=n_hidden_layers,
+            coupling=coupling, activation=activation, invconv=invconv, lu=lu, actnorm=actnorm,
+            clamp=clamp, split_kernel=split_kernel,
+        )
+        super().__init__(multiscale, event_shape=shape)
+        # the top prior, over the top latent's shape (the flow's event shape stays the input's)
+        self.base = DiagonalGaussian(multiscale.top_shape, learnable=bool(learn_top))
+        self.learn_top = bool(learn_top)
+
+    @property
+    def multiscale(self):
+        """The :class:`~fastflow.nn.MultiScale` transform (steps, split priors, latent layout)."""
+        return self.transform.transforms[0]
+
+    @property
+    def top_shape(self) -> torch.Size:
+        return self.multiscale.top_shape
+
+    @staticmethod
+    def _unconditional(context) -> None:
+        if context is not None:
+            raise ValueError("context was given but Glow is unconditional")
+
+    def log_prob(self, x, context=None):
+        """``log p(x)``, shape ``[B]``: top prior + split priors + log-det (float32 or wider)."""
+        self._unconditional(context)
+        self._check_input(x, "x")
+        z_top, z2s, z1s, logdet = self.multiscale.encode(x)
+        total = self.base.log_prob(z_top)
+        for prior, z2, z1 in zip(self.multiscale.priors, z2s, z1s):
+            total = total + prior.log_prob(z2, z1)
+        dtype = torch.promote_types(total.dtype, logdet.dtype)
+        return total.to(dtype) + logdet.to(dtype)
+
+    def _draw(self, n, temperature):
+        from fastflow.distributions import _check_n, _check_temperature
+
+        n = _check_n(n)
+        temperature = _check_temperature(temperature)
+        z_top = self.base.sample(n, temperature=temperature)
+        x, logdet_inv, _, log_prob_splits = self.multiscale.decode(z_top, None, temperature)
+        return z_top, x, logdet_inv, log_prob_splits
+
+    def sample(self, n, temperature=1.0, context=None):
+        """``n`` samples ``[n, C, H, W]``; every prior's std is scaled by ``temperature``."""
+        self._unconditional(context)
+        return self._draw(n, temperature)[1]
+
+    def sample_and_log_prob(self, n, temperature=1.0, context=None):
+        """``n`` samples and the model's log-density of them (temperature 1), in one pass."""
+        self._unconditional(context)
+        z_top, x, logdet_inv, log_prob_splits = self._draw(n, temperature)
+        total = self.base.log_prob(z_top)
+        if log_prob_splits is not None:
+            total = total + log_prob_splits
+        dtype = torch.promote_types(total.dtype, logdet_inv.dtype)
+        return x, total.to(dtype) - logdet_inv.to(dtype)
