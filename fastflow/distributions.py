@@ -61,19 +61,22 @@ def _check_n(n: int) -> int:
 
 
 def _check_temperature(temperature: float) -> float:
-    """Validates a sampling temperature (a positive, finite multiplier of the base std)."""
+    """Validates a sampling temperature (a finite multiplier >= 0 of the base std).
+
+    0 is allowed: every latent is then its prior's mean, the mode Glow shows at T = 0.
+    """
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
             raise ValueError(
-                f"temperature must be a positive number, got a tensor of shape "
+                f"temperature must be a number >= 0, got a tensor of shape "
                 f"{tuple(temperature.shape)}"
             )
         temperature = temperature.item()
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     return temperature
 
 

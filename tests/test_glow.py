@@ -289,4 +289,14 @@ def test_bad_input_and_uninitialised_sampling():
     with pytest.raises(ValueError, match="context"):
         model.log_prob(torch.randn(2, 3, 8, 8), context=torch.randn(2, 1))
     with pytest.raises(ValueError, match="temperature"):
-        make_glow().sample(2, temperature=0.0)
+        make_glow().sample(2, temperature=-0.5)
+
+
+def test_temperature_zero_decodes_the_zero_latent():
+    """At T = 0 every prior gives its mean; with Glow's zero-initialised priors that is the zero
+    latent, so the sample is the decoder of z = 0 (the issue's check)."""
+    model = make_glow(randomize=False)
+    x0 = model.sample(3, temperature=0.0)
+    decoded, _ = model.inverse(torch.zeros(3, 3, 8, 8, dtype=torch.float64))
+    torch.testing.assert_close(x0, decoded)
+    assert torch.isfinite(x0).all()

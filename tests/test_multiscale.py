@@ -173,6 +173,6 @@ def test_split_prior_bad_input_names_the_argument():
         prior.log_prob(torch.randn(2, 3, 4, 5), z1)
     with pytest.raises(ValueError, match=r"z2 must have shape"):
         prior.log_prob(torch.randn(3, 3, 4, 4), z1)
-    for bad in (0.0, -1.0, math.inf):
+    for bad in (-0.5, -1.0, math.inf):
         with pytest.raises(ValueError, match="temperature"):
             prior.sample(z1, temperature=bad)
