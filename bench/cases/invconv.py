@@ -1,7 +1,7 @@
 """Glow's invertible 1x1 convolution over a PLU decomposition, ``fastflow.ops.invconv_plu``.
 
 Shapes: ``[64, 12, 16, 16]`` (an early Glow level: many pixels, few channels) and
-``[16, 48, 32, 32]`` (more channels). The factors come from ``InvertibleConv1x1``'s random
+``[64, 48, 16, 16]`` (more channels). The factors come from ``InvertibleConv1x1``'s random
 rotation. Passes, as for the coupling operator: ``fwd`` (no grad), ``fwd+bwd`` (gradient of
 ``(y * gy).sum() + (logdet * gl).sum()`` w.r.t. x and the three trained factors, through
 ``torch.autograd.grad``) and ``inverse`` (no grad). Implementations: ``native``, ``reference``
@@ -23,7 +23,7 @@ from fastflow.ops import invconv_plu, invconv_plu_inverse
 
 __all__ = ["SHAPES", "PASSES", "groups"]
 
-SHAPES = ((64, 12, 16, 16), (16, 48, 32, 32))
+SHAPES = ((64, 12, 16, 16), (64, 48, 16, 16))
 PASSES = ("fwd", "fwd+bwd", "inverse")
 
 
