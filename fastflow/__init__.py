@@ -9,7 +9,7 @@ from fastflow._native import backend, get_backend, native_available, native_load
 from fastflow import ops
 from fastflow.flow import Compose, Flow, InverseNotAvailable, Transform
 from fastflow.distributions import DiagonalGaussian, StandardNormal
-from fastflow import data, models, nn
+from fastflow import data, images, models, nn
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "backend",
     "data",
     "get_backend",
+    "images",
     "models",
     "native_available",
     "native_load_error",
