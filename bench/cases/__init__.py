@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from bench.cases import affine_coupling, invconv, realnvp
+from bench.cases import affine_coupling, glow_step, invconv, realnvp
 from bench.harness import Group
 
 __all__ = ["FAMILIES", "all_groups"]
 
-FAMILIES = (affine_coupling, invconv, realnvp)
+FAMILIES = (affine_coupling, invconv, glow_step, realnvp)
 
 
 def all_groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Group]:
