@@ -10,7 +10,7 @@ import torch
 import fastflow
 from bench.harness import Skip
 
-__all__ = ["check_native", "compile_reference", "seeded"]
+__all__ = ["check_native", "compile_reference", "seeded", "train_step"]
 
 
 def check_native(device: torch.device) -> None:
@@ -45,3 +45,27 @@ def seeded(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def train_step(
+    impl: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], backend: str, lr: float
+) -> Callable[[], torch.Tensor]:
+    """One Adam step of ``loss_fn`` (zero_grad, backward, step) under ``backend``.
+
+    Runs the step once before returning it, so a failure (or a non-finite first loss) is
+    reported for ``impl`` rather than raised inside the timing loop.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step() -> torch.Tensor:
+        with fastflow.backend(backend):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+        return loss
+
+    loss = step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{impl}: the first train step gave a non-finite loss {loss.item()}")
+    return step

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import fastflow
-from bench.cases._common import check_native, seeded
+from bench.cases._common import check_native, seeded, train_step
 from bench.harness import COMPILED, REFERENCE, Group, Skip
 
 __all__ = ["SHAPES", "HIDDEN", "groups"]
@@ -77,20 +77,7 @@ def _factories(shape, hidden, device, dtype) -> dict[str, Callable[[], Callable[
             else:
                 backend = impl if impl in ("native", REFERENCE) else "auto"
                 loss_fn = loss_of
-            opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-            def step() -> torch.Tensor:
-                with fastflow.backend(backend):
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(x)
-                    loss.backward()
-                    opt.step()
-                return loss
-
-            loss = step()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{impl}: the first train step gave a non-finite loss {loss.item()}")
-            return step
+            return train_step(impl, model, lambda: loss_fn(x), backend, LR)
 
         return factory
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 import fastflow
-from bench.cases._common import check_native, seeded
+from bench.cases._common import check_native, seeded, train_step
 from bench.harness import COMPILED, REFERENCE, Group, Skip
 
 __all__ = ["FEATURES", "N_COUPLINGS", "HIDDEN", "BATCH", "groups"]
@@ -191,20 +191,7 @@ def _factories(
                 def loss_fn(x: torch.Tensor) -> torch.Tensor:
                     return -log_prob(x).mean()
 
-            opt = torch.optim.Adam(model.parameters(), lr=LR)
-
-            def step() -> torch.Tensor:
-                with fastflow.backend(backend):
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(x)
-                    loss.backward()
-                    opt.step()
-                return loss
-
-            loss = step()  # fails here (and is reported) rather than inside the timing loop
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{impl}: the first train step gave a non-finite loss {loss.item()}")
-            return step
+            return train_step(impl, model, lambda: loss_fn(x), backend, LR)
 
         return factory
 
