@@ -15,21 +15,11 @@ from fastflow.ops import (
     affine_coupling_reference,
 )
 
-NATIVE = fastflow.native_available()
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from _devices import DEVICES, NATIVE, dtypes, native_on, requires_native
+
 ACTIVATIONS = ["exp", "sigmoid", "additive"]
 CLAMPS = [2.0, math.inf]
 SHAPES = [(1, 1), (1, 7), (3, 5), (17, 33), (1000, 9), (2, 3, 4, 5), (5, 6, 7, 3)]
-requires_native = pytest.mark.skipif(not NATIVE, reason="fastflow._C is not built")
-
-
-def _native_on(device: str) -> bool:
-    return device in NATIVE
-
-
-def _dtypes(device: str) -> list[torch.dtype]:
-    extra = [torch.float16, torch.bfloat16] if device == "cuda" else []
-    return [torch.float32, torch.float64] + extra
 
 
 def _tol(dtype: torch.dtype) -> dict:
@@ -71,10 +61,10 @@ def _run(fn, backend, *args, **kwargs):
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_native_matches_reference(device, activation, inverse, shape):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     fn = affine_coupling_inverse if inverse else affine_coupling
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device):
         for clamp in CLAMPS if activation == "exp" else [2.0]:
             x, h, t = _inputs(shape, dtype, device)
             for v in (x, h, t):
@@ -105,7 +95,7 @@ def test_native_matches_reference(device, activation, inverse, shape):
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "row_slice"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_layouts(device, layout, activation):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     shape = (3, 5, 4, 6) if layout == "channels_last" else (4, 9)
     x, h, t = _inputs(shape, torch.float32, device, layout=layout)
@@ -211,7 +201,7 @@ def test_gradcheck(backend, activation, inverse, clamp):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_opcheck(device, activation, inverse):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     code = fastflow.ops.ACTIVATIONS[activation]
     for shape, layout in [

@@ -16,22 +16,12 @@ from fastflow.ops import (
     plu_weight,
 )
 
-NATIVE = fastflow.native_available()
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from _devices import DEVICES, NATIVE, dtypes, native_on, requires_native
+
 SHAPES = [(1, 1), (3, 5), (17, 33), (2, 3, 4, 5), (5, 6, 7, 3), (2, 7, 1, 1), (4, 3, 5)]
-requires_native = pytest.mark.skipif(not NATIVE, reason="fastflow._C is not built")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _native_on(device: str) -> bool:
-    return device in NATIVE
-
-
-def _dtypes(device: str) -> list[torch.dtype]:
-    extra = [torch.float16, torch.bfloat16] if device == "cuda" else []
-    return [torch.float32, torch.float64] + extra
 
 
 def _tol(dtype: torch.dtype) -> dict:
@@ -79,10 +69,10 @@ def _run(fn, backend, *args):
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_native_matches_reference(device, inverse, shape):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     fn = invconv_plu_inverse if inverse else invconv_plu
-    for dtype in _dtypes(device):
+    for dtype in dtypes(device):
         perm, *ps = _params(shape[1], dtype, device)
         x = _x(shape, dtype, device).requires_grad_(True)
         ps = [p.requires_grad_(True) for p in ps]
@@ -108,7 +98,7 @@ def test_native_matches_reference(device, inverse, shape):
     "layout, shape", [("channels_last", (3, 5, 4, 6)), ("strided", (3, 5, 4, 6)), ("strided", (3, 5))]
 )
 def test_layouts(device, inverse, layout, shape):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     fn = invconv_plu_inverse if inverse else invconv_plu
     perm, *ps = _params(shape[1], torch.float32, device)
@@ -181,7 +171,7 @@ def test_gradcheck(backend, inverse, shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_opcheck(device, inverse):
-    if not _native_on(device):
+    if not native_on(device):
         pytest.skip(f"no native kernel for {device}")
     for shape, layout in [((4, 3), "contiguous"), ((2, 3, 4, 5), "channels_last"), ((3, 4), "strided")]:
         perm, *ps = _params(shape[1], torch.float32, device)

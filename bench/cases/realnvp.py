@@ -71,18 +71,11 @@ def _batch(features: int, batch: int, device: torch.device, dtype: torch.dtype) 
 
 
 def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
-    """fastflow's default conditioner rebuilt for nflows: Linear/ReLU x HIDDEN_LAYERS, then a
-    zero-initialised Linear (so the flow starts as the identity, as fastflow's does)."""
-    layers: list[nn.Module] = []
-    width = n_in
-    for _ in range(HIDDEN_LAYERS):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    last = nn.Linear(width, n_out)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    layers.append(last)
-    return nn.Sequential(*layers)
+    """fastflow's default conditioner (Linear/ReLU x HIDDEN_LAYERS, zero-initialised last
+    Linear, so the flow starts as the identity) for nflows' couplings."""
+    from fastflow.nn import MLP
+
+    return MLP(n_in, n_out, hidden=hidden, n_hidden_layers=HIDDEN_LAYERS)
 
 
 def _fastflow_model(features: int, n_couplings: int, hidden: int) -> tuple[nn.Module, Callable]:
