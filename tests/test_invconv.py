@@ -407,3 +407,42 @@ def test_backend_fallback_bf16_cpu():
     assert y.dtype == torch.bfloat16 and ld.dtype == torch.float32
     expected = x.float() @ plu_weight(perm, lower, upper, sign, log_s).t()
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+
+@pytest.mark.parametrize("lu", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_singular_looking_weight_is_reported(lu, train):
+    # eval mode under no_grad takes the cached inverse weight, training mode the operator
+    layer = InvertibleConv1x1(3, lu=lu).train(train)
+    layer.requires_grad_(train)
+    z = torch.randn(2, 3, 4, 4)
+    layer.inverse(z)  # fine (and, in eval mode, cached) before the weight degenerates
+    with torch.no_grad():
+        if lu:
+            layer.log_s[1] = -120.0  # |s| = exp(-120) underflows float32
+        else:
+            layer.weight[2] = 0.0
+    match = "singular in torch.float32.*channels \\[1\\]" if lu else "determinant is zero"
+    with pytest.raises(ValueError, match=match):
+        layer.inverse(z)
+    with pytest.raises(ValueError, match=match):
+        layer.check_invertible()
+    layer(z)  # the forward does not check: a training step stays free of host synchronisation
+
+
+def test_singular_check_names_rows_of_an_overflowing_inverse():
+    # det != 0, yet W^-1 has an entry 1e39 that float32 cannot hold
+    w = torch.eye(2)
+    w[1, 1] = 1e-39
+    layer = InvertibleConv1x1(2, lu=False, weight=w)
+    with pytest.raises(ValueError, match="rows \\[1\\] of its inverse are not finite"):
+        layer.inverse(torch.randn(3, 2))
+
+
+def test_constructor_rejects_a_pivot_the_dtype_cannot_invert():
+    w = torch.eye(3)
+    w[2, 2] = 1e-39  # a float32 subnormal: 1 / 1e-39 overflows
+    with pytest.raises(ValueError, match="weight is numerically singular in torch.float32"):
+        InvertibleConv1x1(3, weight=w)
+    InvertibleConv1x1(3, weight=w.double())  # float64 holds it

@@ -14,12 +14,21 @@ layer starts volume-preserving, or from a given ``weight``. In eval mode the inv
 cached and recomputed only when a parameter changes (an optimiser step, ``load_state_dict``,
 ``.to()``), which makes repeated sampling cost one GEMM per call.
 
+A weight that is numerically singular in its dtype is reported, not inverted into ``inf``: a
+``weight`` given to the constructor with a zero or underflowing pivot, and, when the inverse is
+asked for, an ``|s| = exp(log_s)`` that underflows (or overflows) the parameters' dtype or an
+inverse weight with non-finite entries, raise ``ValueError`` naming the channels
+(:meth:`InvertibleConv1x1.check_invertible`). The forward pass does not check, so that a
+training step stays free of host synchronisation.
+
 References:
     Kingma, Dhariwal. "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018),
     https://arxiv.org/abs/1807.03039.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -84,12 +93,15 @@ class InvertibleConv1x1(Transform):
             s = upper.diagonal()
             if (s == 0).any():
                 raise ValueError("weight is singular (a zero pivot in its LU decomposition)")
+            _check_log_s(s.abs().log(), dtype, "weight")
             self.register_buffer("perm", p.argmax(dim=1))  # p[i, perm[i]] = 1
             self.register_buffer("sign", s.sign().to(dtype))
             self.lower = nn.Parameter(lower.tril(-1).to(dtype))
             self.upper = nn.Parameter(upper.triu(1).to(dtype))
             self.log_s = nn.Parameter(s.abs().log().to(dtype))
         else:
+            if not torch.isfinite(torch.linalg.slogdet(w)[1]):
+                raise ValueError("weight is singular (its determinant is zero)")
             self.weight = nn.Parameter(w.to(dtype))
         self._inverse_cache: tuple[tuple, Tensor] | None = None
 
@@ -111,6 +123,31 @@ class InvertibleConv1x1(Transform):
         """The dense ``W`` (``[C, C]``), differentiable w.r.t. the parameters."""
         return plu_weight(*self._factors()) if self.lu else self.weight
 
+    def check_invertible(self) -> None:
+        """Raise ``ValueError`` if ``W`` is numerically singular in the parameters' dtype.
+
+        PLU: some ``|s| = exp(log_s)`` underflows (below the dtype's smallest normal number, so
+        ``1/|s|`` overflows) or overflows. Dense: ``det W`` is zero. Both: ``W``'s inverse has
+        entries the dtype cannot hold. :meth:`inverse` runs these checks (outside
+        ``torch.compile``) each time it forms the inverse; they cost one host synchronisation.
+        """
+        with torch.no_grad():
+            self._checked_inverse_weight()
+
+    def _checked_inverse_weight(self) -> Tensor:
+        if self.lu:
+            _check_log_s(self.log_s.detach(), self.log_s.dtype, "InvertibleConv1x1 weight")
+        elif not torch.isfinite(torch.linalg.slogdet(self.weight.detach().double())[1]):
+            raise ValueError("InvertibleConv1x1 weight is singular (its determinant is zero)")
+        w_inv = self._inverse_weight()
+        bad = ~torch.isfinite(w_inv.detach()).all(dim=1)
+        if bad.any():
+            raise ValueError(
+                f"InvertibleConv1x1 weight is numerically singular in {w_inv.dtype}: rows "
+                f"{bad.nonzero().flatten().tolist()} of its inverse are not finite"
+            )
+        return w_inv
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, "x")
         if self.lu:
@@ -121,6 +158,7 @@ class InvertibleConv1x1(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z, "z")
+        checked = not torch.compiler.is_compiling()
         params = list(self.parameters())
         # The cached weight carries no graph: use it only where no gradient to the parameters
         # can be asked for.
@@ -128,12 +166,17 @@ class InvertibleConv1x1(Transform):
             torch.is_grad_enabled() and any(p.requires_grad for p in params)
         )
         if self.lu and not cacheable:
+            if checked:  # the operator forms the inverse weight internally
+                _check_log_s(self.log_s.detach(), self.log_s.dtype, "InvertibleConv1x1 weight")
             return invconv_plu_inverse(z, *self._factors())
         if self.lu:
             logdet = -self.log_s.sum() * _pixels(z)
         else:
             logdet = -torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype) * _pixels(z)
-        w_inv = self._cached_inverse() if cacheable else self._inverse_weight()
+        if cacheable:
+            w_inv = self._cached_inverse()
+        else:
+            w_inv = self._checked_inverse_weight() if checked else self._inverse_weight()
         return _apply_1x1(w_inv, z), logdet.expand(z.shape[0]).clone()
 
     def _inverse_weight(self) -> Tensor:
@@ -151,5 +194,23 @@ class InvertibleConv1x1(Transform):
         )
         if self._inverse_cache is None or self._inverse_cache[0] != key:
             with torch.no_grad():
-                self._inverse_cache = (key, self._inverse_weight())
+                if torch.compiler.is_compiling():
+                    w_inv = self._inverse_weight()
+                else:
+                    w_inv = self._checked_inverse_weight()
+                self._inverse_cache = (key, w_inv)
         return self._inverse_cache[1]
+
+
+def _check_log_s(log_s: Tensor, dtype: torch.dtype, what: str) -> None:
+    # |s| = exp(log_s) must be a normal number of the parameters' dtype: below the smallest one,
+    # 1/|s| (a diagonal entry of W's inverse) overflows; above the largest, W itself does.
+    info = torch.finfo(dtype)
+    bad = (log_s < math.log(info.tiny)) | (log_s > math.log(info.max)) | log_s.isnan()
+    if bad.any():
+        channels = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{what} is numerically singular in {dtype}: |s| = exp(log_s) is out of range at "
+            f"channels {channels} (log_s = {[round(float(v), 2) for v in log_s[bad][:8]]}); "
+            "the inverse would not be finite"
+        )
