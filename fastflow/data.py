@@ -1,10 +1,18 @@
-"""2-D toy densities for flows (the set used by FFJORD and Residual Flows), numpy only.
+"""Small data sets for flows: the 2-D toy densities (the set used by FFJORD and Residual
+Flows), numpy only, and scikit-learn's 8x8 digits.
 
 :func:`toy_data` draws ``n`` points of a named density as a float32 tensor ``[n, 2]``; with a
 ``seed`` the draw is deterministic. The generators follow the recipes of REFERENCE.md 2.1; the
 three that use scikit-learn there (``swissroll``, ``circles``, ``moons``) are reimplemented here
 with the same parameters and the same construction (:func:`make_swiss_roll`,
-:func:`make_circles`, :func:`make_moons`), so scikit-learn is not needed.
+:func:`make_circles`, :func:`make_moons`), so the toy densities do not need scikit-learn.
+
+:func:`load_digits` returns the 1797 8x8 grey-scale digits that ship with scikit-learn (no
+download) as integer images ``[N, 1, 8, 8]`` with :data:`DIGITS_LEVELS` = 17 levels (0..16), split
+into seeded, disjoint train and test parts; it does need scikit-learn (``pip install
+scikit-learn``, or the ``data`` extra), imported only when it is called. Dequantise the images
+with ``fastflow.images.dequantize(x, n_bins=DIGITS_LEVELS)`` and report
+``bits_per_dim(..., n_bins=DIGITS_LEVELS)``.
 
 Every generator returns exactly ``n`` points: where a recipe splits ``n`` into equal groups
 (rings, pinwheel arms, spiral arms), the remainder goes to the innermost ring, the first arms,
@@ -25,7 +33,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["TOY_DATASETS", "toy_data", "make_moons", "make_circles", "make_swiss_roll"]
+__all__ = [
+    "TOY_DATASETS",
+    "toy_data",
+    "make_moons",
+    "make_circles",
+    "make_swiss_roll",
+    "DIGITS_LEVELS",
+    "DIGITS_SPLITS",
+    "load_digits",
+]
 
 Rng = np.random.Generator
 
@@ -183,3 +200,75 @@ def toy_data(name: str, n: int, seed: int | None = None) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     x = _GENERATORS[name](int(n), rng)
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+# -- scikit-learn's 8x8 digits ---------------------------------------------------------------
+
+#: Grey levels of :func:`load_digits` images: the integers 0..16.
+DIGITS_LEVELS = 17
+
+#: Values of :func:`load_digits`'s ``split``.
+DIGITS_SPLITS: tuple[str, ...] = ("train", "test", "all")
+
+
+def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0) -> torch.Tensor:
+    """scikit-learn's 8x8 handwritten digits as ``torch.uint8`` images ``[N, 1, 8, 8]``, levels 0..16.
+
+    The 1797 images of ``sklearn.datasets.load_digits`` (UCI optical digits: each pixel counts
+    the on-pixels of a 4x4 block of a 32x32 bitmap, hence :data:`DIGITS_LEVELS` = 17 levels; the
+    data ships with scikit-learn, nothing is downloaded). The labels are dropped. The dtype is
+    ``torch.uint8``, as for 8-bit images; cast (``.long()``, ``.float()``) before arithmetic that
+    could leave 0..255.
+
+    The split is a permutation of the 1797 indices drawn with ``numpy.random.default_rng(seed)``:
+    the first ``round(test_fraction * 1797)`` go to ``"test"``, the rest to ``"train"``, each in
+    the permuted (shuffled) order. For one ``(test_fraction, seed)`` the two parts are disjoint and
+    together hold every image; the same arguments always give the same tensors. ``"all"`` is the
+    whole set in scikit-learn's order (``test_fraction`` and ``seed`` are then unused, but still
+    checked).
+
+    Arguments:
+        split: ``"train"``, ``"test"`` or ``"all"``.
+        test_fraction: the share of images in the test part, ``0 < test_fraction < 1`` (both
+            parts must be non-empty).
+        seed: seed of the permutation, a non-negative int.
+
+    Raises:
+        ImportError: scikit-learn is not installed (``pip install scikit-learn``).
+        ValueError: an argument is out of range; the message names it.
+
+    Example:
+        >>> train = load_digits("train")
+        >>> train.shape, train.dtype, int(train.max())
+        (torch.Size([1438, 1, 8, 8]), torch.uint8, 16)
+        >>> load_digits("test").shape
+        torch.Size([359, 1, 8, 8])
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if not 0 < float(test_fraction) < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_load_digits
+    except ImportError as exc:
+        raise ImportError(
+            "fastflow.data.load_digits needs scikit-learn: pip install scikit-learn "
+            "(or pip install 'fastflow[data]')"
+        ) from exc
+    images = sklearn_load_digits().images  # float64 [1797, 8, 8], integer values 0..16
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).unsqueeze(1)
+    if split == "all":
+        return x
+    n = x.shape[0]
+    n_test = round(float(test_fraction) * n)
+    if not 0 < n_test < n:
+        raise ValueError(
+            f"test_fraction={test_fraction!r} leaves an empty train or test part of the {n} images"
+        )
+    perm = torch.from_numpy(np.random.default_rng(int(seed)).permutation(n))
+    index = perm[:n_test] if split == "test" else perm[n_test:]
+    return x[index].contiguous()

@@ -6,6 +6,10 @@ reduce the bit depth (:func:`reduce_bits`), add uniform noise inside each bin an
 ``[0, 1)`` (:func:`dequantize`), optionally map to the real line (:class:`Logit`, a Transform
 with its log-det), fit, and report :func:`bits_per_dim`, which accounts for the bin width.
 
+The number of levels is ``2**n_bits`` by default; ``n_bins`` (keyword-only, in
+:func:`dequantize` and :func:`bits_per_dim`) gives any other count, e.g. the 17 levels (0..16)
+of scikit-learn's 8x8 digits (:func:`fastflow.data.load_digits`).
+
 References:
     Dinh, Sohl-Dickstein, Bengio. "Density estimation using Real NVP" (2016),
     https://arxiv.org/abs/1605.08803 (logit pre-processing).
@@ -18,6 +22,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -31,6 +36,22 @@ def _check_bits(n_bits: int) -> int:
     if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
         raise ValueError(f"n_bits must be an int from 1 to 8, got {n_bits!r}")
     return n_bits
+
+
+def _levels(n_bits: int, n_bins: int | None) -> int:
+    """The number of levels: ``n_bins`` when given (then ``n_bits`` must be left at 8), else
+    ``2**n_bits``."""
+    _check_bits(n_bits)
+    if n_bins is None:
+        return 2**n_bits
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 2:
+        raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
+    if n_bits != 8:
+        raise ValueError(
+            f"give either n_bits or n_bins, not both (got n_bits={n_bits!r}, n_bins={n_bins!r}): "
+            "n_bins sets the number of levels itself"
+        )
+    return int(n_bins)
 
 
 def reduce_bits(x: Tensor, n_bits: int) -> Tensor:
@@ -49,33 +70,51 @@ def reduce_bits(x: Tensor, n_bits: int) -> Tensor:
 
 
 def dequantize(
-    x: Tensor, n_bits: int = 8, generator: torch.Generator | None = None, dtype=torch.float32
+    x: Tensor,
+    n_bits: int = 8,
+    generator: torch.Generator | None = None,
+    dtype=torch.float32,
+    *,
+    n_bins: int | None = None,
 ) -> Tensor:
-    """Integer levels ``0..2**n_bits - 1`` to ``[0, 1)``: ``(x + u) / 2**n_bits``, ``u ~ U(0, 1)``.
+    """Integer levels ``0..K - 1`` to ``[0, 1)``: ``(x + u) / K``, ``u ~ U(0, 1)``.
 
-    The density of the result, times the bin volume ``2**(-n_bits * D)``, lower-bounds the
-    probability of the integer image (Theis et al.); :func:`bits_per_dim` applies that factor.
+    ``K = 2**n_bits`` levels, or ``K = n_bins`` when ``n_bins`` is given (any int >= 2, e.g. 17
+    for the digits of :func:`fastflow.data.load_digits`; ``n_bits`` must then be left at its
+    default). The density of the result, times the bin volume ``K**(-D)``, lower-bounds the
+    probability of the integer image (Theis et al.); :func:`bits_per_dim` applies that factor
+    (give it the same ``n_bits`` or ``n_bins``).
+
+    Example:
+        >>> x = dequantize(torch.tensor([0, 8, 16]), n_bins=17)
+        >>> torch.equal(torch.floor(x * 17).long(), torch.tensor([0, 8, 16]))
+        True
     """
-    n_bins = 2 ** _check_bits(n_bits)
+    levels = _levels(n_bits, n_bins)
     if x.is_floating_point() or x.dtype == torch.bool:
         raise ValueError(f"x must hold integer levels, got dtype {x.dtype}")
-    if x.numel() and (x.min() < 0 or x.max() >= n_bins):
-        raise ValueError(f"x must hold integer levels 0..{n_bins - 1} for n_bits={n_bits}")
+    if x.numel() and (x.min() < 0 or x.max() >= levels):
+        which = f"n_bins={n_bins}" if n_bins is not None else f"n_bits={n_bits}"
+        raise ValueError(f"x must hold integer levels 0..{levels - 1} for {which}")
     u = torch.rand(x.shape, generator=generator, dtype=dtype, device=x.device)
-    return (x.to(dtype) + u) / n_bins
+    return (x.to(dtype) + u) / levels
 
 
-def bits_per_dim(log_prob: Tensor, num_dims: int, n_bits: int = 8) -> Tensor:
+def bits_per_dim(
+    log_prob: Tensor, num_dims: int, n_bits: int = 8, *, n_bins: int | None = None
+) -> Tensor:
     """Bits per dimension of integer images from the log-density of their dequantised ``[0, 1)``
-    versions: ``-(log_prob - D * log(2**n_bits)) / (D * log 2)``, per sample.
+    versions: ``-(log_prob - D * log K) / (D * log 2)``, per sample.
 
-    ``log_prob`` must be the density of data in ``[0, 1)^D`` (compose :class:`Logit` or any other
-    pre-processing into the flow so its log-det is included).
+    ``K`` is the number of levels: ``2**n_bits``, or ``n_bins`` when it is given (any int >= 2;
+    ``n_bits`` must then be left at its default), as in :func:`dequantize`. ``log_prob`` must be
+    the density of data in ``[0, 1)^D`` (compose :class:`Logit` or any other pre-processing into
+    the flow so its log-det is included).
     """
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
         raise ValueError(f"num_dims must be a positive int, got {num_dims!r}")
-    n_bins = 2 ** _check_bits(n_bits)
-    return -(log_prob - num_dims * math.log(n_bins)) / (num_dims * math.log(2.0))
+    levels = _levels(n_bits, n_bins)
+    return -(log_prob - num_dims * math.log(levels)) / (num_dims * math.log(2.0))
 
 
 class Logit(Transform):

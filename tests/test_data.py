@@ -1,14 +1,26 @@
-"""Tests of the 2-D toy densities (fastflow.data): shapes, determinism, and each one's geometry."""
+"""Tests of fastflow.data: the 2-D toy densities (shapes, determinism, and each one's geometry)
+and scikit-learn's 8x8 digits (:func:`load_digits`: shape, dtype, the 17 levels, a seeded split
+into disjoint parts that make up the whole set, bad arguments, the error without scikit-learn).
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from fastflow.data import TOY_DATASETS, make_circles, make_moons, make_swiss_roll, toy_data
+from fastflow.data import (
+    DIGITS_LEVELS,
+    TOY_DATASETS,
+    load_digits,
+    make_circles,
+    make_moons,
+    make_swiss_roll,
+    toy_data,
+)
 
 N = 4001  # odd and not a multiple of 4 or 5: every generator must still return exactly N
 
@@ -111,3 +123,112 @@ def test_bad_arguments():
             toy_data("moons", n)
     with pytest.raises(ValueError, match="seed"):
         toy_data("moons", 10, seed=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn's 8x8 digits
+
+N_DIGITS = 1797
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    """Each image as bytes, to compare parts as sets of images."""
+    return {row.tobytes() for row in x.reshape(x.shape[0], -1).numpy()}
+
+
+def _sorted_rows(x: torch.Tensor) -> np.ndarray:
+    """The images as a sorted array of 64-byte records: equal arrays = equal multisets."""
+    rows = np.ascontiguousarray(x.reshape(x.shape[0], -1).numpy())
+    return np.sort(rows.view(np.dtype((np.void, rows.shape[1]))).ravel())
+
+
+def test_digits_shape_dtype_and_levels():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    assert DIGITS_LEVELS == 17
+    x = load_digits("all")
+    assert x.shape == (N_DIGITS, 1, 8, 8) and x.dtype == torch.uint8 and x.is_contiguous()
+    assert int(x.min()) == 0 and int(x.max()) == DIGITS_LEVELS - 1
+    # every level occurs, and "all" is scikit-learn's set in its own order
+    assert (torch.bincount(x.flatten().long()) > 0).all()
+    expected = torch.from_numpy(sklearn_load_digits().images).reshape(N_DIGITS, 1, 8, 8)
+    assert torch.equal(x.double(), expected)
+    for split, n in (("train", N_DIGITS - 359), ("test", 359)):  # round(0.2 * 1797) = 359
+        part = load_digits(split)
+        assert part.shape == (n, 1, 8, 8) and part.dtype == torch.uint8 and part.is_contiguous()
+        assert int(part.max()) <= DIGITS_LEVELS - 1
+
+
+@pytest.mark.parametrize("test_fraction, seed", [(0.2, 0), (0.5, 7), (0.01, 123)])
+def test_digits_split_is_disjoint_and_complete(test_fraction, seed):
+    pytest.importorskip("sklearn")
+    train = load_digits("train", test_fraction=test_fraction, seed=seed)
+    test = load_digits("test", test_fraction=test_fraction, seed=seed)
+    assert train.shape[0] + test.shape[0] == N_DIGITS
+    assert test.shape[0] == round(test_fraction * N_DIGITS)
+    # together the parts are the whole set, as a multiset of images (the set holds a few
+    # duplicate images, so a set comparison alone would not see one image given to both parts)
+    assert np.array_equal(_sorted_rows(torch.cat([train, test])), _sorted_rows(load_digits("all")))
+
+
+def test_digits_split_uses_a_seeded_permutation_of_indices():
+    """Disjoint by index (duplicate images aside): the test part is the seeded permutation's head."""
+    pytest.importorskip("sklearn")
+    whole = load_digits("all")
+    perm = torch.from_numpy(np.random.default_rng(3).permutation(N_DIGITS))
+    n_test = round(0.25 * N_DIGITS)
+    assert torch.equal(load_digits("test", test_fraction=0.25, seed=3), whole[perm[:n_test]])
+    assert torch.equal(load_digits("train", test_fraction=0.25, seed=3), whole[perm[n_test:]])
+    # by content: the images that occur once in the set are in exactly one part
+    rows, counts = np.unique(whole.reshape(N_DIGITS, -1).numpy(), axis=0, return_counts=True)
+    unique = {r.tobytes() for r in rows[counts == 1]}
+    assert len(unique) > 1700
+    train, test = _rows(load_digits("train", 0.25, 3)), _rows(load_digits("test", 0.25, 3))
+    assert not (unique & train & test) and unique <= train | test
+
+
+def test_digits_determinism_and_seed():
+    pytest.importorskip("sklearn")
+    a = load_digits("train", seed=5)
+    assert torch.equal(a, load_digits("train", seed=5))
+    assert torch.equal(load_digits("test", seed=5), load_digits("test", seed=5))
+    b = load_digits("train", seed=6)
+    assert a.shape == b.shape and not torch.equal(a, b)
+    # a different seed moves images between the parts, not only within them
+    assert _rows(load_digits("test", seed=5)) != _rows(load_digits("test", seed=6))
+    # "all" does not depend on the split arguments
+    assert torch.equal(load_digits("all", test_fraction=0.5, seed=9), load_digits("all"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "val"}, "^split must be one of"),
+        ({"split": None}, "^split must be one of"),
+        ({"test_fraction": 0.0}, "^test_fraction"),
+        ({"test_fraction": 1.0}, "^test_fraction"),
+        ({"test_fraction": -0.1}, "^test_fraction"),
+        ({"test_fraction": "0.2"}, "^test_fraction"),
+        ({"test_fraction": True}, "^test_fraction"),
+        ({"test_fraction": float("nan")}, "^test_fraction"),
+        ({"test_fraction": 1e-6}, "^test_fraction=1e-06 leaves an empty"),  # rounds to 0 images
+        ({"seed": -1}, "^seed must be"),
+        ({"seed": 1.5}, "^seed must be"),
+        ({"seed": None}, "^seed must be"),
+        ({"seed": False}, "^seed must be"),
+    ],
+)
+def test_digits_bad_arguments(kwargs, match):
+    if "leaves an empty" in match:  # checked once the set's size is known
+        pytest.importorskip("sklearn")
+    with pytest.raises(ValueError, match=match):
+        load_digits(**kwargs)
+
+
+def test_digits_without_sklearn_says_how_to_install(monkeypatch):
+    # a None entry in sys.modules makes "import sklearn..." raise ImportError
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        load_digits()

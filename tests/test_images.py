@@ -1,4 +1,5 @@
-"""Image utilities: bit reduction, dequantisation, bits/dim, logit pre-processing."""
+"""Image utilities: bit reduction, dequantisation, bits/dim, logit pre-processing; any number of
+levels (``n_bins``, e.g. the 17 of the 8x8 digits) besides ``2**n_bits``."""
 
 import math
 
@@ -67,3 +68,63 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="x must have a batch"):
         Logit()(torch.rand(4))
     assert math.isfinite(float(Logit(0.0)(torch.tensor([[0.3]]))[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Any number of levels: n_bins
+
+
+@pytest.mark.parametrize("n_bins", [2, 17, 100, 256, 300])
+def test_dequantize_with_n_bins_stays_in_its_bins(n_bins):
+    levels = torch.arange(n_bins).repeat(40).reshape(40, 1, n_bins)
+    x = dequantize(levels, n_bins=n_bins, generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and x.shape == levels.shape
+    assert (x >= 0).all() and (x < 1).all()
+    assert torch.equal(torch.floor(x.double() * n_bins).long(), levels)  # noise stays inside each bin
+    assert 0.25 < (x.double() * n_bins - levels).std() < 0.33  # and is uniform over it (std 0.289)
+    assert x[..., -1].min() >= (n_bins - 1) / n_bins  # the top level fills the top of [0, 1)
+
+
+def test_dequantize_n_bins_on_uint8_digits_levels():
+    levels = torch.tensor([[0, 5, 16]], dtype=torch.uint8)
+    x = dequantize(levels, n_bins=17, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert x.dtype == torch.float64
+    assert torch.equal(torch.floor(x * 17).long(), levels.long())
+    # n_bins equal to 2**n_bits is the n_bits path, noise and all
+    a = dequantize(levels, n_bins=32, generator=torch.Generator().manual_seed(2))
+    b = dequantize(levels, n_bits=5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_bits_per_dim_uses_log_n_bins():
+    # the uniform density on [0, 1)^D (log p = 0) gives each integer image probability n_bins^-D:
+    # log2(n_bins) bits per dimension
+    for n_bins in (2, 17, 256, 1000):
+        bpd = bits_per_dim(torch.zeros(3), num_dims=64, n_bins=n_bins)
+        torch.testing.assert_close(bpd, torch.full((3,), math.log2(n_bins)))
+    log_prob = torch.tensor([-10.0, 0.0, 25.0], dtype=torch.float64)
+    expected = -(log_prob - 64 * math.log(17)) / (64 * math.log(2))
+    torch.testing.assert_close(bits_per_dim(log_prob, num_dims=64, n_bins=17), expected)
+    # n_bins = 2**n_bits is the same as n_bits
+    torch.testing.assert_close(bits_per_dim(log_prob, 64, n_bins=8), bits_per_dim(log_prob, 64, n_bits=3))
+    # explicit n_bits=8 (the default) with n_bins: n_bins decides
+    torch.testing.assert_close(bits_per_dim(log_prob, 64, 8, n_bins=17), expected)
+
+
+def test_n_bins_bad_input_names_the_argument():
+    x = torch.tensor([3])
+    for bad in (1, 0, -4, 2.0, 17.5, True, "17"):
+        with pytest.raises(ValueError, match="^n_bins must be an int >= 2"):
+            dequantize(x, n_bins=bad)
+        with pytest.raises(ValueError, match="^n_bins must be an int >= 2"):
+            bits_per_dim(torch.zeros(1), num_dims=4, n_bins=bad)
+    with pytest.raises(ValueError, match="either n_bits or n_bins"):
+        dequantize(x, n_bits=5, n_bins=17)
+    with pytest.raises(ValueError, match="either n_bits or n_bins"):
+        bits_per_dim(torch.zeros(1), num_dims=4, n_bits=3, n_bins=17)
+    with pytest.raises(ValueError, match=r"0\.\.16 for n_bins=17"):
+        dequantize(torch.tensor([17]), n_bins=17)
+    with pytest.raises(ValueError, match="n_bits"):  # n_bits is still checked
+        dequantize(x, n_bits=9, n_bins=17)
+    with pytest.raises(TypeError):  # keyword-only
+        dequantize(x, 8, None, torch.float32, 17)
