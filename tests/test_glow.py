@@ -300,3 +300,62 @@ def test_temperature_zero_decodes_the_zero_latent():
     decoded, _ = model.inverse(torch.zeros(3, 3, 8, 8, dtype=torch.float64))
     torch.testing.assert_close(x0, decoded)
     assert torch.isfinite(x0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_glow_step_compiles_fullgraph_after_init_and_matches_eager(backend):
+    """After ActNorm's initialisation a Glow step has no graph break: forward and inverse compile
+    with ``fullgraph=True`` (reference operators, and the default backend's native ones) and
+    agree with eager, outputs and gradients through the compiled forward alike."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch.manual_seed(0)
+    step = GlowStep((4, 4, 4), hidden=8)
+    x = 0.5 + 2 * torch.randn(6, 4, 4, 4)
+    assert initialize_actnorm(step, x) == 1
+    perturb(step)  # the coupling's zero-initialised last convolution would make it the identity
+    x = torch.randn(5, 4, 4, 4)
+    weight = torch.randn(5, 4, 4, 4)
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+
+    def loss_and_grads(fn):
+        xr = x.clone().requires_grad_()
+        z, logdet = fn(xr)
+        loss = (z * weight).sum() + logdet.sum()
+        params = [p for p in step.parameters()]
+        grads = torch.autograd.grad(loss, [xr, *params])
+        return z.detach(), logdet.detach(), grads
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(), fastflow.backend(backend):
+        warnings.simplefilter("ignore")  # "auto" may warn once that it falls back
+        # aot_eager (the fake and autograd registrations, no code generation), recording graphs
+        forward_graphs, inverse_graphs = AotEagerAndRecordGraphs(), AotEagerAndRecordGraphs()
+        forward = torch.compile(step, fullgraph=True, backend=forward_graphs)
+        inverse = torch.compile(step.inverse, fullgraph=True, backend=inverse_graphs)
+        z_eager, logdet_eager, grads_eager = loss_and_grads(step)
+        z, logdet, grads = loss_and_grads(forward)
+        torch.testing.assert_close(z, z_eager, **tol)
+        torch.testing.assert_close(logdet, logdet_eager, **tol)
+        assert len(grads) == len(grads_eager) == 1 + len(list(step.parameters()))
+        for g, g_eager in zip(grads, grads_eager):
+            torch.testing.assert_close(g, g_eager, **tol)
+        with torch.no_grad():
+            x2_eager, logdet_inv_eager = step.inverse(z_eager)
+            x2, logdet_inv = inverse(z_eager)
+    torch.testing.assert_close(x2, x2_eager, **tol)
+    torch.testing.assert_close(logdet_inv, logdet_inv_eager, **tol)
+    torch.testing.assert_close(x2, x, **tol)
+    torch.testing.assert_close(logdet_inv, -logdet_eager, **tol)
+    assert bool(step.actnorm.initialized)
+    # one graph each (no recompilation), with the native operators where the default has them
+    assert len(forward_graphs.graphs) == 1 and len(inverse_graphs.graphs) == 1
+    forward_code = "".join(g.code for g in forward_graphs.fw_graphs + forward_graphs.bw_graphs)
+    inverse_code = "".join(g.code for g in inverse_graphs.fw_graphs)
+    native = backend == "auto" and "cpu" in fastflow.native_available()
+    assert ("fastflow.affine_coupling" in forward_code) == native
+    assert ("fastflow.invconv_plu" in forward_code) == native
+    backward_code = "".join(g.code for g in forward_graphs.bw_graphs)
+    assert ("fastflow.affine_coupling_backward" in backward_code) == native
+    assert ("fastflow." in inverse_code) == native, inverse_code
+    torch._dynamo.reset()
