@@ -365,3 +365,28 @@ def test_bad_input_names_the_argument(backend):
     image = AffineCoupling((2, 4, 4), mask="checkerboard", hidden=4)
     with pytest.raises(ValueError, match=r"^x must have shape \[batch, 2, 4, 4\]"):
         image(torch.randn(3, 2, 4, 5))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_convnet_channels_last_path_matches_and_keeps_the_layout(layout):
+    torch.manual_seed(0)
+    plain = ConvNet(3, 6, hidden=8, zero_init=False, channels_last=False).double()
+    fast = ConvNet(3, 6, hidden=8, zero_init=False).double()  # default: channels-last on CPU
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = plain(x1), fast(x2)
+    torch.testing.assert_close(y2, y1)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y2.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    for p1, p2 in zip(plain.parameters(), fast.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad)
+    assert "channels_last=False" in repr(plain)
+    with pytest.raises(ValueError, match="channels_last"):
+        ConvNet(3, 6, channels_last="yes")

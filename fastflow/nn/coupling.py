@@ -91,8 +91,11 @@ class MLP(nn.Sequential):
         hidden: int = 256,
         n_hidden_layers: int = 2,
         zero_init: bool = True,
+        channels_last: bool | None = None,
     ):
         _check_width(hidden, n_hidden_layers)
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be True, False or None, got {channels_last!r}")
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(n_hidden_layers):
@@ -104,6 +107,18 @@ class MLP(nn.Sequential):
             nn.init.zeros_(last.bias)
         layers.append(last)
         super().__init__(*layers)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        return "" if self.channels_last is None else f"channels_last={self.channels_last}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if not use or x.dim() != 4:
+            return super().forward(x)
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        h = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return h.contiguous(memory_format=fmt)
 
 
 class ConvNet(nn.Sequential):
@@ -119,6 +134,11 @@ class ConvNet(nn.Sequential):
         n_hidden_layers: number of hidden layers (the first a 3x3 convolution, the others 1x1;
             0: a single 3x3 convolution).
         zero_init: zero the last convolution.
+        channels_last: run the convolutions on a channels-last copy of the input and return the
+            output in the input's layout. ``None`` (default): on CPU only, where oneDNN's
+            channels-last convolutions measured up to 1.5x faster forward+backward for Glow's
+            conditioner (``python -m bench``, bench/RESULTS.md); other devices keep the
+            input's layout.
 
     Example:
         >>> net = ConvNet(3, 6, hidden=16)
@@ -133,8 +153,11 @@ class ConvNet(nn.Sequential):
         hidden: int = 256,
         n_hidden_layers: int = 2,
         zero_init: bool = True,
+        channels_last: bool | None = None,
     ):
         _check_width(hidden, n_hidden_layers)
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be True, False or None, got {channels_last!r}")
         layers: list[nn.Module] = []
         width = in_channels
         for i in range(n_hidden_layers):
@@ -147,6 +170,18 @@ class ConvNet(nn.Sequential):
             nn.init.zeros_(last.bias)
         layers.append(last)
         super().__init__(*layers)
+        self.channels_last = channels_last
+
+    def extra_repr(self) -> str:
+        return "" if self.channels_last is None else f"channels_last={self.channels_last}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if not use or x.dim() != 4:
+            return super().forward(x)
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        h = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return h.contiguous(memory_format=fmt)
 
 
 def _check_width(hidden: int, n_hidden_layers: int) -> None:
