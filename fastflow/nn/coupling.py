@@ -91,11 +91,8 @@ class MLP(nn.Sequential):
         hidden: int = 256,
         n_hidden_layers: int = 2,
         zero_init: bool = True,
-        channels_last: bool | None = None,
     ):
         _check_width(hidden, n_hidden_layers)
-        if channels_last is not None and not isinstance(channels_last, bool):
-            raise ValueError(f"channels_last must be True, False or None, got {channels_last!r}")
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(n_hidden_layers):
@@ -107,18 +104,6 @@ class MLP(nn.Sequential):
             nn.init.zeros_(last.bias)
         layers.append(last)
         super().__init__(*layers)
-        self.channels_last = channels_last
-
-    def extra_repr(self) -> str:
-        return "" if self.channels_last is None else f"channels_last={self.channels_last}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        if not use or x.dim() != 4:
-            return super().forward(x)
-        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        h = super().forward(x.contiguous(memory_format=torch.channels_last))
-        return h.contiguous(memory_format=fmt)
 
 
 class ConvNet(nn.Sequential):
