@@ -148,21 +148,38 @@ class MADE(nn.Module):
     def extra_repr(self) -> str:
         return f"features={self.features}, n_params={self.n_params}"
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def _check_context(self, context: Tensor | None) -> None:
         if (context is None) != (self.context_features is None):
             raise ValueError(
                 "context must be given exactly when the network was built with context_features"
             )
+
+    def prepare(self, context: Tensor | None = None) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
+        """The masked weights and biases, and the context's contribution, for repeated calls of
+        :meth:`apply` (``D`` sequential passes form them once instead of ``D`` times)."""
+        self._check_context(context)
+        layers = list(self.hidden_layers) + [self.output]
+        params = [(layer.weight * layer.mask, layer.bias) for layer in layers]
+        ctx = self.context(context) if context is not None else None
+        return params, ctx
+
+    def apply(self, x: Tensor, prepared: tuple[list[tuple[Tensor, Tensor]], Tensor | None]) -> Tensor:
+        """The network on ``x`` with parameters from :meth:`prepare`."""
+        params, ctx = prepared
         h = x
-        for k, layer in enumerate(self.hidden_layers):
-            h = layer(h)
-            if k == 0 and context is not None:
-                h = h + self.context(context)
+        for k, (w, b) in enumerate(params[:-1]):
+            h = F.linear(h, w, b)
+            if k == 0 and ctx is not None:
+                h = h + ctx
             h = F.relu(h)
-        out = self.output(h)
-        if not self.hidden_layers and context is not None:
-            out = out + self.context(context)
+        w, b = params[-1]
+        out = F.linear(h, w, b)
+        if len(params) == 1 and ctx is not None:
+            out = out + ctx
         return out
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.apply(x, self.prepare(context))
 
 
 class MaskedAutoregressive(Transform):
@@ -216,23 +233,24 @@ class MaskedAutoregressive(Transform):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must have shape [B, {self.features}], got {shape}")
 
-    def _params(self, x: Tensor, context: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        out = self.made(x, context)
+    def _params(self, x: Tensor, prepared) -> tuple[Tensor | None, Tensor]:
+        out = self.made.apply(x, prepared)
         D = self.features
         if self.activation == "additive":
             return None, out
         return out[:, :D], out[:, D:]
 
     def _density(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        log_scale, shift = self._params(x, context)
+        log_scale, shift = self._params(x, self.made.prepare(context))
         return affine_coupling(x, log_scale, shift, self.activation, self.clamp)
 
     def _generate(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         # Pass k makes feature order[k] exact (it depends only on features already fixed).
         x = torch.zeros_like(z)
         logdet = None
+        prepared = self.made.prepare(context)
         for _ in range(self.features):
-            log_scale, shift = self._params(x, context)
+            log_scale, shift = self._params(x, prepared)
             x, logdet = affine_coupling_inverse(z, log_scale, shift, self.activation, self.clamp)
         return x, logdet
 
