@@ -28,7 +28,7 @@ from fastflow.distributions import _event_shape
 from fastflow.flow import Flow
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 
-__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF"]
+__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
 
@@ -394,3 +394,89 @@ class IAF(MAF):
     """
 
     _layer = "InverseAutoregressive"
+
+
+class PlanarFlow(Flow):
+    """``n_transforms`` :class:`~fastflow.nn.Planar` layers for vectors ``[B, D]``.
+
+    Density (``log_prob``) in one cheap pass; sampling inverts every layer numerically (a
+    scalar root find per sample and layer, to ``tol``; see :mod:`fastflow.nn.det_identity`).
+
+    Rezende, Mohamed. "Variational Inference with Normalizing Flows" (2015),
+    https://arxiv.org/abs/1505.05770.
+
+    Arguments:
+        features: ``D``.
+        n_transforms: planar layers.
+        tol, max_iter: of each layer's numerical inverse (None: the dtype's default tol).
+        base: base distribution (None: standard normal over ``D``).
+
+    Example:
+        >>> flow = PlanarFlow(2, n_transforms=4)
+        >>> flow.log_prob(torch.randn(5, 2)).shape, flow.sample(3).shape
+        (torch.Size([5]), torch.Size([3, 2]))
+    """
+
+    def __init__(
+        self,
+        features: int,
+        n_transforms: int = 8,
+        tol: float | None = None,
+        max_iter: int = 100,
+        base: nn.Module | None = None,
+    ):
+        from fastflow.nn.det_identity import Planar
+
+        _check_count(features, "features")
+        _check_count(n_transforms, "n_transforms")
+        layers = [Planar(features, tol=tol, max_iter=max_iter) for _ in range(n_transforms)]
+        super().__init__(layers, base=base, event_shape=features)
+
+
+class SylvesterFlow(Flow):
+    """``n_transforms`` :class:`~fastflow.nn.Sylvester` layers for vectors ``[B, D]``.
+
+    ``variant="triangular"`` alternates ``Q`` between the identity and the reversal
+    permutation from layer to layer (van den Berg et al.); the other variants learn ``Q``.
+
+    van den Berg, Hasenclever, Tomczak, Welling. "Sylvester Normalizing Flows for Variational
+    Inference" (2018), https://arxiv.org/abs/1803.05649.
+
+    Arguments:
+        features: ``D``.
+        n_transforms: Sylvester layers.
+        variant: ``"orthogonal"``, ``"householder"`` or ``"triangular"``.
+        m: ``"orthogonal"`` only, the columns of ``Q`` (default ``D``).
+        n_reflections: ``"householder"`` only (default ``D``).
+        tol, max_iter: of each layer's numerical inverse.
+        base: base distribution (None: standard normal over ``D``).
+
+    Example:
+        >>> flow = SylvesterFlow(3, n_transforms=2, variant="triangular")
+        >>> flow.log_prob(torch.randn(5, 3)).shape, flow.sample(2).shape
+        (torch.Size([5]), torch.Size([2, 3]))
+    """
+
+    def __init__(
+        self,
+        features: int,
+        n_transforms: int = 4,
+        variant: str = "orthogonal",
+        m: int | None = None,
+        n_reflections: int | None = None,
+        tol: float | None = None,
+        max_iter: int = 100,
+        base: nn.Module | None = None,
+    ):
+        from fastflow.nn.det_identity import Sylvester
+
+        _check_count(features, "features")
+        _check_count(n_transforms, "n_transforms")
+        layers = [
+            Sylvester(
+                features, m=m, variant=variant, n_reflections=n_reflections,
+                flip=variant == "triangular" and k % 2 == 1, tol=tol, max_iter=max_iter,
+            )
+            for k in range(n_transforms)
+        ]
+        super().__init__(layers, base=base, event_shape=features)
