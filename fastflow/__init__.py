@@ -7,7 +7,14 @@ The public API: the Transform contract and Flow, the base distributions, the lay
 
 from fastflow._native import backend, get_backend, native_available, native_load_error
 from fastflow import ops
-from fastflow.flow import Compose, Flow, InverseNotAvailable, Transform
+from fastflow.flow import (
+    Compose,
+    ConvergenceError,
+    ConvergenceWarning,
+    Flow,
+    InverseNotAvailable,
+    Transform,
+)
 from fastflow.distributions import DiagonalGaussian, StandardNormal
 from fastflow import data, images, models, nn
 
@@ -15,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Compose",
+    "ConvergenceError",
+    "ConvergenceWarning",
     "DiagonalGaussian",
     "Flow",
     "InverseNotAvailable",

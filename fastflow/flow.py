@@ -34,7 +34,7 @@ from fastflow.distributions import (
     _wide,
 )
 
-__all__ = ["InverseNotAvailable", "Transform", "Compose", "Flow"]
+__all__ = ["InverseNotAvailable", "ConvergenceError", "ConvergenceWarning", "Transform", "Compose", "Flow"]
 
 
 class InverseNotAvailable(RuntimeError):
@@ -43,6 +43,15 @@ class InverseNotAvailable(RuntimeError):
     A layer without a closed-form or iterative inverse raises this rather than returning an
     approximation silently.
     """
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative computation (a numerical inverse, a fixed-point solve, an
+    orthogonalisation) did not reach its tolerance within its iteration budget."""
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """The warning form of :class:`ConvergenceError` (``on_fail="warn"``)."""
 
 
 class Transform(nn.Module):

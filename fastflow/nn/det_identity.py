@@ -84,7 +84,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastflow.flow import Transform
+from fastflow.flow import ConvergenceError, ConvergenceWarning, Transform
 from fastflow.nn.linear import (
     _cacheable,
     _check_vectors,
@@ -103,15 +103,6 @@ __all__ = [
 
 ON_FAIL = ("raise", "warn")
 VARIANTS = ("orthogonal", "householder", "triangular")
-
-
-class ConvergenceError(RuntimeError):
-    """A numerical inverse (or Sylvester's orthogonalisation) did not reach its tolerance."""
-
-
-class ConvergenceWarning(RuntimeWarning):
-    """A numerical inverse (or Sylvester's orthogonalisation) did not reach its tolerance
-    (``on_fail="warn"``)."""
 
 
 # --------------------------------------------------------------------------------------------
