@@ -39,4 +39,17 @@ TORCH_LIBRARY(fastflow, m) {
       "invconv_plu_backward(Tensor grad_out, Tensor grad_logdet, Tensor input, Tensor perm, "
       "Tensor lower, Tensor upper, Tensor sign, Tensor log_s, bool inverse) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Spectral normalisation (i-ResNet, Residual Flows) of a matrix weight [out, in], with the
+  // persistent vectors u [out] and v [in] (same dtype and device as weight). See
+  // csrc/include/fastflow/spectral_norm.h and REFERENCE.md 4.3.
+  // n_iter rounds of v <- W^T u / max(|W^T u|, eps), u <- W v / max(|W v|, eps); returns fresh
+  // (u, v) and has no gradient.
+  m.def("spectral_norm_power(Tensor weight, Tensor u, Tensor v, int n_iter, float eps) "
+        "-> (Tensor, Tensor)");
+  // (w_hat, sigma): sigma = u^T W v (u, v constants), w_hat = W / max(1, sigma / coeff).
+  m.def("spectral_norm_apply(Tensor weight, Tensor u, Tensor v, float coeff) -> (Tensor, Tensor)");
+  // Gradient w.r.t. weight of spectral_norm_apply, given those w.r.t. w_hat and sigma.
+  m.def(
+      "spectral_norm_apply_backward(Tensor grad_w_hat, Tensor grad_sigma, Tensor weight, "
+      "Tensor u, Tensor v, float coeff) -> Tensor");
 }
