@@ -27,8 +27,9 @@ from torch import nn
 from fastflow.distributions import _event_shape
 from fastflow.flow import Flow
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
+from fastflow.nn.residual import ResidualFlow
 
-__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow"]
+__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow", "ResidualFlow"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
 

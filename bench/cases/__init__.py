@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from bench.cases import affine_coupling, glow_step, invconv, maf, realnvp
+from bench.cases import affine_coupling, glow_step, invconv, maf, realnvp, residual, spectral_norm
 from bench.harness import Group
 
 __all__ = ["FAMILIES", "all_groups"]
 
-FAMILIES = (affine_coupling, invconv, glow_step, realnvp, maf)
+FAMILIES = (affine_coupling, invconv, glow_step, realnvp, maf, spectral_norm, residual)
 
 
 def all_groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Group]:

@@ -8,7 +8,23 @@ from fastflow.nn.actnorm import ActNorm, initialize_actnorm
 from fastflow.nn.multiscale import SplitPrior, Squeeze, ZeroConv2d
 from fastflow.nn.invconv import InvertibleConv1x1
 from fastflow.nn.glow import GlowStep, MultiScale
+from fastflow.nn.linear import LULinear, OrthogonalLinear, QRLinear, householder_matrix
+from fastflow.nn.det_identity import Planar, Radial, Sylvester
+from fastflow.nn.autoregressive import (
+    MADE,
+    BatchNormFlow,
+    InverseAutoregressive,
+    MaskedAutoregressive,
+    Permutation,
+)
+from fastflow.nn.residual import iResBlock, residual_mlp
+from fastflow.nn.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear, update_spectral_norms
 
 __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
            "ActNorm", "initialize_actnorm", "Squeeze", "SplitPrior", "ZeroConv2d",
-           "InvertibleConv1x1", "GlowStep", "MultiScale"]
+           "InvertibleConv1x1", "GlowStep", "MultiScale",
+           "LULinear", "OrthogonalLinear", "QRLinear", "householder_matrix",
+           "Planar", "Radial", "Sylvester",
+           "MADE", "MaskedAutoregressive", "InverseAutoregressive", "Permutation", "BatchNormFlow",
+           "iResBlock", "residual_mlp",
+           "SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms"]

@@ -15,6 +15,30 @@ from fastflow.ops.invconv import (
     plu_inverse_weight,
     plu_weight,
 )
+from fastflow.ops.fixed_point import (
+    FixedPointError,
+    FixedPointResult,
+    FixedPointWarning,
+    fixed_point_inverse,
+)
+from fastflow.ops.logdet_estimators import (
+    draw_roulette_n,
+    jacobian,
+    logdet_exact,
+    logdet_roulette,
+    logdet_series,
+    roulette_tail_prob,
+    sample_probes,
+)
+from fastflow.ops.spectral_norm import (
+    spectral_norm_apply,
+    spectral_norm_apply_backward_reference,
+    spectral_norm_apply_reference,
+    spectral_norm_conv_apply,
+    spectral_norm_conv_power,
+    spectral_norm_power,
+    spectral_norm_power_reference,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,4 +52,22 @@ __all__ = [
     "invconv_plu_reference",
     "plu_inverse_weight",
     "plu_weight",
+    "FixedPointError",
+    "FixedPointResult",
+    "FixedPointWarning",
+    "fixed_point_inverse",
+    "draw_roulette_n",
+    "jacobian",
+    "logdet_exact",
+    "logdet_roulette",
+    "logdet_series",
+    "roulette_tail_prob",
+    "sample_probes",
+    "spectral_norm_apply",
+    "spectral_norm_apply_backward_reference",
+    "spectral_norm_apply_reference",
+    "spectral_norm_conv_apply",
+    "spectral_norm_conv_power",
+    "spectral_norm_power",
+    "spectral_norm_power_reference",
 ]
