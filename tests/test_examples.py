@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytest.importorskip("sklearn", reason="the digits example needs scikit-learn")
+
 
 
 def _load(name: str):
@@ -23,6 +23,7 @@ def _load(name: str):
 @pytest.mark.parametrize("impl", ["fastflow", "reference"])
 def test_glow_digits_trains_and_writes_figures_and_grid(tmp_path, impl):
     pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn", reason="the digits example needs scikit-learn")
     glow_digits = _load("glow_digits")
     args = ["--impl", impl, "--seconds", "1", "--depth", "1", "--hidden", "8", "--warmup", "1",
             "--out", str(tmp_path)]
@@ -43,3 +44,14 @@ def test_glow_digits_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         glow_digits.main(["--depth", "0"])
     assert "--depth must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["maf", "planar"])
+def test_toy_2d_trains_integrates_and_draws(tmp_path, model):
+    pytest.importorskip("matplotlib")
+    toy_2d = _load("toy_2d")
+    assert toy_2d.main(["--model", model, "--data", "moons", "--seconds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"{model}_moons.json").read_text())
+    assert result["test_nll"] < result["test_nll_start"]
+    assert abs(result["grid_mass"] - 1) < 0.02
+    assert (tmp_path / f"{model}_moons.png").read_bytes()[:4] == b"\x89PNG"
