@@ -242,3 +242,34 @@ def test_fast_sequential_inverse_equals_the_naive_one(activation, hidden, contex
             assert b is None or not b.any()
         else:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _randomise(InverseAutoregressive(3, hidden=8)),
+        lambda: Permutation(3, [2, 0, 1]),
+        lambda: _randomise(BatchNormFlow(3)),
+        lambda: _randomise(BatchNormFlow(3)).eval(),
+    ],
+    ids=["iaf-forward", "permutation", "batchnorm-train", "batchnorm-eval"],
+)
+def test_other_layers_compile_fullgraph(make):
+    torch.manual_seed(9)
+    layer = make()
+    x = torch.randn(6, 3)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    z, ld = compiled(x)
+    z_ref, ld_ref = layer(x)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(ld, ld_ref)
+
+
+def test_loading_a_state_dict_brings_its_order():
+    torch.manual_seed(10)
+    src = _randomise(MaskedAutoregressive(4, hidden=8, order=[3, 1, 0, 2]))
+    dst = MaskedAutoregressive(4, hidden=8)  # sequential order, overwritten by the load
+    dst.load_state_dict(src.state_dict())
+    assert dst.made.order_list == [3, 1, 0, 2]
+    z = torch.randn(5, 4)
+    torch.testing.assert_close(dst.inverse(z)[0], src.inverse(z)[0])

@@ -120,6 +120,8 @@ class MADE(nn.Module):
         self.context_features = context_features
         perm = _order(D, order)
         self.register_buffer("order", perm)
+        self.order_list = perm.tolist()  # the same, for Python loops (no device read, traceable)
+        self.register_load_state_dict_post_hook(MADE._refresh_order_list)
         deg_in = torch.empty(D, dtype=torch.long)
         deg_in[perm] = torch.arange(1, D + 1)  # feature order[k] has degree k + 1
         self.register_buffer("degrees", deg_in)
@@ -144,6 +146,10 @@ class MADE(nn.Module):
             if context_features
             else None
         )
+
+    @staticmethod
+    def _refresh_order_list(module: "MADE", incompatible_keys) -> None:
+        module.order_list = module.order.tolist()
 
     def extra_repr(self) -> str:
         return f"features={self.features}, n_params={self.n_params}"
@@ -270,7 +276,7 @@ class MaskedAutoregressive(Transform):
         columns: list[Tensor | None] = [None] * D
         logdet = z.new_zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32))
         rows = [0] if self.activation == "additive" else [0, D]
-        for k in self.made.order.tolist():
+        for k in self.made.order_list:
             idx = [r + k for r in rows]
             if len(params) == 1:
                 out = pre[:, idx]  # no hidden layer: pre is the output's pre-activation
