@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,23 +41,10 @@ from torch import Tensor, nn
 
 from fastflow.distributions import _wide
 from fastflow.flow import Transform
+from fastflow._checks import positive_float as _positive_float
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["ActNorm", "initialize_actnorm"]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return value
 
 
 def _distributed() -> bool:

@@ -35,16 +35,11 @@ from torch.nn import functional as F
 
 from fastflow.flow import Transform
 from fastflow.ops.affine_coupling import affine_coupling, affine_coupling_inverse
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["MADE", "MaskedAutoregressive", "InverseAutoregressive", "Permutation", "BatchNormFlow"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
-
-
-def _positive_int(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return n
 
 
 def _order(features: int, order) -> Tensor:

@@ -89,9 +89,11 @@ from fastflow.nn.linear import (
     _cacheable,
     _check_vectors,
     _EvalCache,
-    _positive_int,
     householder_matrix,
 )
+from fastflow._checks import ON_FAIL, int_at_least
+from fastflow._checks import on_fail as _check_on_fail
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = [
     "Planar",
@@ -101,7 +103,6 @@ __all__ = [
     "ConvergenceWarning",
 ]
 
-ON_FAIL = ("raise", "warn")
 VARIANTS = ("orthogonal", "householder", "triangular")
 
 
@@ -117,18 +118,6 @@ def _check_tol(tol: Any, name: str) -> float | None:
     ):
         raise ValueError(f"{name} must be a positive finite number or None, got {tol!r}")
     return float(tol)
-
-
-def _check_max_iter(n: Any, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-    return int(n)
-
-
-def _check_on_fail(on_fail: Any) -> str:
-    if on_fail not in ON_FAIL:
-        raise ValueError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}")
-    return on_fail
 
 
 def _default_tol(dtype: torch.dtype) -> float:
@@ -201,7 +190,7 @@ class _NumericalInverse(Transform):
 
     def _init_solver(self, tol: Any, max_iter: Any, on_fail: Any) -> None:
         self.tol = _check_tol(tol, "tol")
-        self.max_iter = _check_max_iter(max_iter, "max_iter")
+        self.max_iter = int_at_least(max_iter, "max_iter", 1)
         self.on_fail = _check_on_fail(on_fail)
         self.inverse_iterations: Tensor | None = None
         self.inverse_residual: Tensor | None = None
@@ -211,7 +200,7 @@ class _NumericalInverse(Transform):
         tol = _check_tol(tol, "tol")
         if tol is None:
             tol = self.tol if self.tol is not None else _default_tol(dtype)
-        max_iter = self.max_iter if max_iter is None else _check_max_iter(max_iter, "max_iter")
+        max_iter = self.max_iter if max_iter is None else int_at_least(max_iter, "max_iter", 1)
         return tol, max_iter
 
     def _fail(self, message: str) -> None:
@@ -494,7 +483,7 @@ class Sylvester(_NumericalInverse):
             raise ValueError(f"flip applies only to variant 'triangular', got variant {variant!r}")
         self.features, self.m, self.variant, self.flip = D, m, variant, flip
         self.ortho_tol = _check_tol(ortho_tol, "ortho_tol")
-        self.ortho_max_iter = _check_max_iter(ortho_max_iter, "ortho_max_iter")
+        self.ortho_max_iter = int_at_least(ortho_max_iter, "ortho_max_iter", 1)
         self._init_solver(tol, max_iter, on_fail)
         self.ortho_iterations: int | None = None
         self.ortho_residual: float | None = None

@@ -32,7 +32,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -45,16 +44,11 @@ from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 from fastflow.nn.invconv import InvertibleConv1x1
 from fastflow.nn.multiscale import SplitPrior
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["GlowStep", "MultiScale"]
 
 _COUPLINGS = ("affine", "additive")
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _image_shape(shape, name: str = "shape") -> torch.Size:

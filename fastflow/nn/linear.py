@@ -58,18 +58,13 @@ from torch import Tensor, nn
 
 from fastflow.flow import Transform
 from fastflow.nn.invconv import InvertibleConv1x1
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["LULinear", "OrthogonalLinear", "QRLinear", "householder_matrix"]
 
 
 # --------------------------------------------------------------------------------------------
 # helpers shared with fastflow.nn.det_identity
-
-
-def _positive_int(n: Any, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n!r}")
-    return n
 
 
 def _check_vectors(x: Any, features: int, dtype: torch.dtype, name: str) -> None:

@@ -50,38 +50,12 @@ from fastflow.ops.spectral_norm import (
     spectral_norm_conv_power,
     spectral_norm_power,
 )
+from fastflow._checks import int_at_least
+from fastflow._checks import non_negative_float as _non_negative_float
+from fastflow._checks import positive_float as _positive_float
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms"]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _non_negative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return value
-
-
-def _non_negative_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
-    return value
 
 
 def _random_unit(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -98,8 +72,8 @@ class _SpectralNormBase(nn.Module):
 
     def _init_spectral_norm(self, coeff: float, n_power_iter: int, init_power_iter: int, eps: float) -> None:
         self.coeff = _positive_float(coeff, "coeff")
-        self.n_power_iter = _non_negative_int(n_power_iter, "n_power_iter")
-        self.init_power_iter = _non_negative_int(init_power_iter, "init_power_iter")
+        self.n_power_iter = int_at_least(n_power_iter, "n_power_iter", 0)
+        self.init_power_iter = int_at_least(init_power_iter, "init_power_iter", 0)
         self.eps = _non_negative_float(eps, "eps")
 
     # Subclasses: one call of the operator pair on the current weight.
@@ -123,7 +97,7 @@ class _SpectralNormBase(nn.Module):
         Returns:
             the rounds run.
         """
-        n_iter = _non_negative_int(n_iter, "n_iter")
+        n_iter = int_at_least(n_iter, "n_iter", 0)
         self._check_ready()
         if tol is None:
             if n_iter > 0:

@@ -27,16 +27,11 @@ from torch import Tensor, nn
 
 from fastflow.distributions import _check_temperature, _wide
 from fastflow.flow import Transform
+from fastflow._checks import positive_int as _positive_int
 
 __all__ = ["Squeeze", "ZeroConv2d", "SplitPrior"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_image(x: Tensor, name: str) -> None:

@@ -57,13 +57,10 @@ from torch import Tensor, nn
 
 from fastflow.flow import Flow, Transform
 from fastflow.nn.actnorm import ActNorm
-from fastflow.ops.fixed_point import (
-    FixedPointResult,
-    _check_int,
-    _check_on_fail,
-    _check_positive_float,
-    fixed_point_inverse,
-)
+from fastflow._checks import int_at_least as _check_int
+from fastflow._checks import on_fail as _check_on_fail
+from fastflow._checks import positive_float as _check_positive_float
+from fastflow.ops.fixed_point import FixedPointResult, fixed_point_inverse
 from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette, logdet_series
 from fastflow.ops.logdet_estimators import draw_roulette_n
 

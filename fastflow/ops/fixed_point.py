@@ -77,7 +77,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +87,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from fastflow.flow import ConvergenceError, ConvergenceWarning
+from fastflow._checks import ON_FAIL
+from fastflow._checks import int_at_least as _check_int
+from fastflow._checks import on_fail as _check_on_fail
+from fastflow._checks import positive_float as _check_positive_float
 
 __all__ = [
     "FixedPointError",
@@ -96,7 +99,6 @@ __all__ = [
     "fixed_point_inverse",
 ]
 
-ON_FAIL = ("warn", "raise")
 
 
 class FixedPointError(ConvergenceError):
@@ -142,27 +144,6 @@ class FixedPointResult:
 
 # --------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _check_positive_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return value
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_on_fail(on_fail: Any) -> str:
-    if on_fail not in ON_FAIL:
-        raise ValueError(f"on_fail must be one of {ON_FAIL}, got {on_fail!r}")
-    return on_fail
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from fastflow._checks import int_at_least as _check_int
+
 __all__ = [
     "PROBES",
     "ROULETTE_DISTRIBUTIONS",
@@ -108,12 +110,6 @@ def _check_pair(x: Any, gx: Any) -> None:
             "gx must be computed from x with autograd on (x.requires_grad and gx.grad_fn): "
             "the estimators differentiate g through it"
         )
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
