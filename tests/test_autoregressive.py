@@ -273,3 +273,15 @@ def test_loading_a_state_dict_brings_its_order():
     assert dst.made.order_list == [3, 1, 0, 2]
     z = torch.randn(5, 4)
     torch.testing.assert_close(dst.inverse(z)[0], src.inverse(z)[0])
+
+
+@pytest.mark.parametrize("model_cls", [MAF, IAF])
+def test_2d_density_integrates_to_one(model_cls):
+    torch.manual_seed(11)
+    flow = _randomise(model_cls(2, n_transforms=3, hidden=16), 0.3).double().eval()
+    ticks = torch.linspace(-10, 10, 401, dtype=torch.float64)
+    xx, yy = torch.meshgrid(ticks, ticks, indexing="xy")
+    with torch.no_grad():
+        p = flow.log_prob(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)).exp()
+    mass = p.sum() * (ticks[1] - ticks[0]) ** 2
+    assert abs(mass.item() - 1) < 2e-3

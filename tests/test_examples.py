@@ -53,5 +53,7 @@ def test_toy_2d_trains_integrates_and_draws(tmp_path, model):
     assert toy_2d.main(["--model", model, "--data", "moons", "--seconds", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / f"{model}_moons.json").read_text())
     assert result["test_nll"] < result["test_nll_start"]
-    assert abs(result["grid_mass"] - 1) < 0.02
+    # after one second the density may still have some mass outside the [-6, 6]^2 grid; that it
+    # integrates to one is tested per layer (test_det_identity, test_autoregressive)
+    assert 0.9 < result["grid_mass"] < 1.02
     assert (tmp_path / f"{model}_moons.png").read_bytes()[:4] == b"\x89PNG"
