@@ -8,8 +8,8 @@ coeff=0.97))``; normflows: ``Residual(LipschitzMLP([d, 128, 128, 128, d], lipsch
 whose ``inverse`` is the density direction (``x + g(x)`` with the log-det estimate).
 
 ``train-step`` (``d`` in 2, 64; batch 256, 1024; estimator ``roulette`` (geometric p = 0.5, 2
-exact terms, Neumann gradient, memory-efficient backward in both libraries) or ``series`` (5
-terms)): ``zero_grad``, ``loss = -(log N(y) + logdet).mean()``, backward, Adam(1e-4).
+exact terms) or ``series`` (5 terms), both with the Neumann gradient and the memory-efficient
+backward in both libraries (fastflow ``series_grad="neumann"``, normflows ``reduce_memory``)): ``zero_grad``, ``loss = -(log N(y) + logdet).mean()``, backward, Adam(1e-4).
 
 ``inverse``: the fixed-point inverse of ``y = block(x)`` with tol 1e-5 (normflows: atol = rtol =
 1e-5 on the squared step, i.e. a step below about 3e-3, whole batch; fastflow: per-sample max
@@ -47,7 +47,10 @@ def _fastflow(d: int, estimator: str) -> tuple[nn.Module, nn.Module, Callable, C
     from fastflow.nn.residual import iResBlock, residual_mlp
 
     g = residual_mlp(d, HIDDEN, N_HIDDEN, coeff=COEFF)
-    kwargs = dict(n_terms=5) if estimator == "series" else dict(memory_efficient=True)
+    # both libraries with the Neumann gradient taken in the forward (normflows' reduce_memory)
+    kwargs = dict(memory_efficient=True)
+    if estimator == "series":
+        kwargs.update(n_terms=5, series_grad="neumann")
     block = iResBlock(g, estimator=estimator, tol=TOL, max_iter=MAX_ITER, **kwargs)
     return block, g, lambda x: block(x), lambda y: block.inverse(y)[0]
 

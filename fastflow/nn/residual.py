@@ -126,9 +126,15 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         exact_max_dim: the largest sample size for which the default eval estimator is exact.
         neumann_grad: roulette gradients by the Neumann-series surrogate (else backpropagation
             through every term).
-        memory_efficient: roulette with the Neumann gradient computes the gradients inside the
-            forward and frees the estimator's graph; only valid when every sample's log-det
-            enters the loss with the same weight (mean NLL), checked in the backward.
+        series_grad: the gradient of ``"series"``: ``"backprop"`` (i-ResNet: the gradient of
+            the truncated series, backpropagated through its ``n_terms`` products) or
+            ``"neumann"`` (the Neumann surrogate truncated after the same terms, one
+            graph-keeping product; with ``memory_efficient`` taken in the forward. normflows
+            does this with ``n_power_series``). The value is the same truncated series.
+        memory_efficient: a Neumann gradient (roulette, or series with
+            ``series_grad="neumann"``) computes the gradients inside the forward and frees the
+            estimator's graph; only valid when every sample's log-det enters the loss with the
+            same weight (mean NLL), checked in the backward.
         tol, max_iter, anderson, on_fail, check_every: the inverse's fixed-point settings
             (:func:`~fastflow.ops.fixed_point.fixed_point_inverse`); ``tol`` and ``max_iter``
             can also be given per call to :meth:`inverse`.
@@ -166,6 +172,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         eval_n_terms: int = 20,
         exact_max_dim: int = 16,
         neumann_grad: bool = True,
+        series_grad: str = "backprop",
         memory_efficient: bool = False,
         tol: float = 1e-5,
         max_iter: int = 1000,
@@ -192,6 +199,9 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         self.eval_n_terms = _check_int(eval_n_terms, "eval_n_terms", 1)
         self.exact_max_dim = _check_int(exact_max_dim, "exact_max_dim", 0)
         self.neumann_grad = bool(neumann_grad)
+        if series_grad not in ("backprop", "neumann"):
+            raise ValueError(f"series_grad must be 'backprop' or 'neumann', got {series_grad!r}")
+        self.series_grad = series_grad
         self.memory_efficient = bool(memory_efficient)
         self.tol = _check_positive_float(tol, "tol")
         self.max_iter = _check_int(max_iter, "max_iter", 1)
@@ -276,6 +286,14 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return logdet_exact(x, gx, create_graph=create_graph), x[0].numel()
         if kind == "series":
             n = self.n_terms if self.training else self.eval_n_terms
+            if self.series_grad == "neumann" and create_graph:
+                # the truncated series is the roulette with n exact terms and no random ones
+                ld = logdet_roulette(
+                    x, gx, n_exact=n, n_random=0, n_probes=self.n_probes, probe=self.probe,
+                    gradient="neumann", memory_efficient=self.memory_efficient, params=params,
+                    create_graph=True,
+                )
+                return ld, n
             ld = logdet_series(
                 x, gx, n, n_probes=self.n_probes, probe=self.probe, create_graph=create_graph
             )
