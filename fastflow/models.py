@@ -27,9 +27,9 @@ from torch import nn
 from fastflow.distributions import _event_shape
 from fastflow.flow import Flow
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
-from fastflow.nn.residual import ResidualFlow
+from fastflow.nn.residual import ResidualFlow, ResidualFlowImage
 
-__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow", "ResidualFlow"]
+__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow", "ResidualFlow", "ResidualFlowImage"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
 

@@ -17,7 +17,7 @@ from fastflow.nn.autoregressive import (
     MaskedAutoregressive,
     Permutation,
 )
-from fastflow.nn.residual import iResBlock, residual_mlp
+from fastflow.nn.residual import iResBlock, residual_cnn, residual_mlp
 from fastflow.nn.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear, update_spectral_norms
 
 __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
@@ -26,5 +26,5 @@ __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
            "LULinear", "OrthogonalLinear", "QRLinear", "householder_matrix",
            "Planar", "Radial", "Sylvester",
            "MADE", "MaskedAutoregressive", "InverseAutoregressive", "Permutation", "BatchNormFlow",
-           "iResBlock", "residual_mlp",
+           "iResBlock", "residual_mlp", "residual_cnn",
            "SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms"]
