@@ -371,6 +371,24 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
 # the contractive branch
 
 
+def _branch_args(coeff: Any, activation: Any, n_power_iter: Any):
+    """Checks a contractive branch's arguments; returns ``(coeff, activation factory,
+    n_power_iter)``."""
+    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < 1:
+        raise ValueError(
+            f"coeff must be in (0, 1) so that Lip(g) < 1 and the block is invertible, got {coeff!r}"
+        )
+    if activation not in _RESIDUAL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_RESIDUAL_ACTIVATIONS}, got {activation!r}")
+    n_power_iter = _check_int(n_power_iter, "n_power_iter", 0)
+    from fastflow.nn.lipschitz import LipSwish
+
+    def act() -> nn.Module:
+        return LipSwish() if activation == "lipswish" else nn.ELU()
+
+    return float(coeff), act, n_power_iter
+
+
 def residual_mlp(
     dim: int,
     hidden: int = 128,
@@ -403,17 +421,8 @@ def residual_mlp(
     dim = _check_int(dim, "dim", 1)
     hidden = _check_int(hidden, "hidden", 1)
     n_hidden = _check_int(n_hidden, "n_hidden", 0)
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < 1:
-        raise ValueError(
-            f"coeff must be in (0, 1) so that Lip(g) < 1 and the block is invertible, got {coeff!r}"
-        )
-    if activation not in _RESIDUAL_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_RESIDUAL_ACTIVATIONS}, got {activation!r}")
-    n_power_iter = _check_int(n_power_iter, "n_power_iter", 0)
-    from fastflow.nn.lipschitz import LipSwish, SpectralNormLinear
-
-    def act() -> nn.Module:
-        return LipSwish() if activation == "lipswish" else nn.ELU()
+    coeff, act, n_power_iter = _branch_args(coeff, activation, n_power_iter)
+    from fastflow.nn.lipschitz import SpectralNormLinear
 
     widths = [dim] + [hidden] * n_hidden + [dim]
     layers: list[nn.Module] = []
@@ -421,7 +430,7 @@ def residual_mlp(
         if i > 0 or preact:
             layers.append(act())
         layers.append(
-            SpectralNormLinear(widths[i], widths[i + 1], coeff=float(coeff), n_power_iter=n_power_iter)
+            SpectralNormLinear(widths[i], widths[i + 1], coeff=coeff, n_power_iter=n_power_iter)
         )
     return nn.Sequential(*layers)
 
@@ -453,20 +462,11 @@ def residual_cnn(
     """
     channels = _check_int(channels, "channels", 1)
     hidden = _check_int(hidden, "hidden", 1)
-    if isinstance(coeff, bool) or not isinstance(coeff, numbers.Real) or not 0 < coeff < 1:
-        raise ValueError(
-            f"coeff must be in (0, 1) so that Lip(g) < 1 and the block is invertible, got {coeff!r}"
-        )
-    if activation not in _RESIDUAL_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_RESIDUAL_ACTIVATIONS}, got {activation!r}")
-    n_power_iter = _check_int(n_power_iter, "n_power_iter", 0)
-    from fastflow.nn.lipschitz import LipSwish, SpectralNormConv2d
-
-    def act() -> nn.Module:
-        return LipSwish() if activation == "lipswish" else nn.ELU()
+    coeff, act, n_power_iter = _branch_args(coeff, activation, n_power_iter)
+    from fastflow.nn.lipschitz import SpectralNormConv2d
 
     def conv(c_in: int, c_out: int, k: int) -> nn.Module:
-        return SpectralNormConv2d(c_in, c_out, k, coeff=float(coeff), n_power_iter=n_power_iter)
+        return SpectralNormConv2d(c_in, c_out, k, coeff=coeff, n_power_iter=n_power_iter)
 
     layers: list[nn.Module] = [act()] if preact else []
     layers += [conv(channels, hidden, 3), act(), conv(hidden, hidden, 1), act(), conv(hidden, channels, 3)]
