@@ -27,9 +27,10 @@ from torch import nn
 from fastflow.distributions import _event_shape
 from fastflow.flow import Flow
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
+from fastflow.nn.continuous import FFJORD
 from fastflow.nn.residual import ResidualFlow, ResidualFlowImage
 
-__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow", "ResidualFlow", "ResidualFlowImage"]
+__all__ = ["RealNVP", "RealNVPImage", "Glow", "MAF", "IAF", "PlanarFlow", "SylvesterFlow", "ResidualFlow", "ResidualFlowImage", "FFJORD"]
 
 _ACTIVATIONS = ("exp", "sigmoid", "additive")
 

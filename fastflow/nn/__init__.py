@@ -18,6 +18,14 @@ from fastflow.nn.autoregressive import (
     Permutation,
 )
 from fastflow.nn.residual import iResBlock, residual_cnn, residual_mlp
+from fastflow.nn.continuous import (
+    CNF,
+    ConcatLinear,
+    ConcatSquashLinear,
+    ODEnet,
+    divergence_exact,
+    divergence_hutchinson,
+)
 from fastflow.nn.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear, update_spectral_norms
 
 __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
@@ -27,4 +35,6 @@ __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
            "Planar", "Radial", "Sylvester",
            "MADE", "MaskedAutoregressive", "InverseAutoregressive", "Permutation", "BatchNormFlow",
            "iResBlock", "residual_mlp", "residual_cnn",
-           "SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms"]
+           "SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms",
+           "CNF", "ConcatLinear", "ConcatSquashLinear", "ODEnet", "divergence_exact",
+           "divergence_hutchinson"]

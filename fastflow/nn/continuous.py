@@ -1,0 +1,595 @@
+"""Continuous normalizing flows (FFJORD): the dynamics nets :class:`ConcatSquashLinear`,
+:class:`ConcatLinear` and :class:`ODEnet`, the divergence functions :func:`divergence_exact` and
+:func:`divergence_hutchinson`, the layer :class:`CNF` and the model :class:`FFJORD`.
+
+A CNF maps data to latent by integrating ``dz/dt = f(t, z)`` from ``t = 0`` to ``t = T``; the
+log-det of the flow map obeys ``d/dt log|det dz(t)/dx| = tr(df/dz)`` (instantaneous change of
+variables), so with the sign convention of REFERENCE.md
+(``log p(x) = log p(z) + log|det dz/dx|``)::
+
+    z, logdet = cnf(x)          # z = z(T), logdet = +int_0^T tr(df/dz)(t, z(t)) dt
+    x, logdet_inv = cnf.inverse(z)   # integrates T -> 0, logdet_inv = -logdet
+
+(FFJORD's code carries the opposite quantity, ``l(T) = -int tr``, and ``log p(x) = log p(z) - l``;
+the two agree.) The augmented state ``[z, a]`` with ``da/dt = tr(df/dz)`` is integrated by
+torchdiffeq (``odeint_adjoint`` by default, ``odeint`` with ``adjoint=False``), in a normalised
+time ``s = t / T`` in ``[0, 1]`` so that the end time ``T = (sqrt_T)^2`` is an ordinary parameter
+of the dynamics (its gradient flows through the adjoint like any weight).
+
+Contract (DESIGN.md, "Points the contract settles"):
+
+* The log-det is exact (``"exact"``: the trace of the Jacobian from ``D`` vector-Jacobian
+  products per evaluation, for small ``D``) or Hutchinson's unbiased estimate (``"hutchinson"``:
+  ``<eps^T df/dz, eps>`` with one probe per sample, Gaussian or Rademacher, drawn once per solve
+  and held fixed over its evaluations). The kind is ``cnf.estimator`` in training mode and
+  ``cnf.eval_estimator`` in eval mode (default: exact when ``D <= exact_max_dim``); both are
+  plain attributes switchable at run time and not part of the state dict.
+* An input with a NaN or an infinity raises ``ValueError`` before integrating.
+* Diagnostics, as attributes after a call: ``last_nfe`` (evaluations of the dynamics in the
+  forward solve), ``last_nfe_backward`` (in the adjoint solve of the last backward pass; 0 for
+  ``adjoint=False``, which backpropagates through the solver's operations), ``last_estimator``.
+* Optional regularisers (RNODE, Finlay et al.), integrated as extra states in training mode
+  only: ``kinetic=True`` gives ``last_kinetic = int_0^T |f|^2 dt`` per sample and
+  ``jacobian_frobenius=True`` gives ``last_jacobian_frobenius = int_0^T |eps^T df/dz|^2 dt`` per
+  sample (a Hutchinson estimate of the squared Frobenius norm); add ``weight * value.mean()``
+  to the loss. They are None in eval mode or when off.
+
+The divergence uses autograd (``create_graph`` where a gradient is needed), so the layer turns
+autograd on for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``.
+The forward-mode native Hutchinson operator of issue 5 is not part of this file.
+
+References:
+    Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
+    https://arxiv.org/abs/1806.07366.
+    Grathwohl, Chen, Bettencourt, Sutskever, Duvenaud. "FFJORD: Free-form Continuous Dynamics
+    for Scalable Reversible Generative Models" (2019), https://arxiv.org/abs/1810.01367.
+    Finlay, Jacobsen, Nurbekyan, Oberman. "How to train your neural ODE: the world of Jacobian
+    and kinetic regularization" (2020), https://arxiv.org/abs/2002.02798.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fastflow.flow import Flow, Transform
+from fastflow._checks import int_at_least as _int_at_least
+from fastflow._checks import positive_float as _positive_float
+from fastflow._checks import positive_int as _positive_int
+
+__all__ = [
+    "ESTIMATORS",
+    "PROBES",
+    "SOLVERS",
+    "ConcatLinear",
+    "ConcatSquashLinear",
+    "ODEnet",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "CNF",
+    "FFJORD",
+]
+
+#: The divergence estimators of a CNF.
+ESTIMATORS = ("hutchinson", "exact")
+#: Hutchinson probe distributions.
+PROBES = ("gaussian", "rademacher")
+#: Adaptive-step solvers of torchdiffeq that a CNF accepts.
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+#: Fixed-step solvers (they need ``step_size``).
+FIXED_SOLVERS = ("rk4", "euler", "midpoint")
+SOLVERS = ADAPTIVE_SOLVERS + FIXED_SOLVERS
+_ACTIVATIONS = {"tanh": torch.tanh, "softplus": F.softplus}
+_LAYERS = ("concatsquash", "concat")
+
+
+def _torchdiffeq() -> Any:
+    try:
+        import torchdiffeq
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "fastflow's continuous normalizing flows (CNF, FFJORD) need torchdiffeq: "
+            "pip install torchdiffeq"
+        ) from err
+    return torchdiffeq
+
+
+# -- dynamics nets ------------------------------------------------------------------------------
+
+
+class ConcatSquashLinear(nn.Module):
+    """Time-conditioned linear layer of FFJORD:
+    ``(W h + b) * sigmoid(W_g t + b_g) + W_b t`` (``W_b`` without bias).
+
+    Arguments:
+        in_features: width of ``h``.
+        out_features: width of the output.
+
+    ``forward(t, h)`` takes ``t`` a scalar tensor (or a Python number) and ``h`` of shape
+    ``[B, in_features]``.
+
+    Example:
+        >>> layer = ConcatSquashLinear(3, 5)
+        >>> layer(torch.tensor(0.3), torch.randn(4, 3)).shape
+        torch.Size([4, 5])
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self.linear = nn.Linear(in_features, out_features)
+        self.hyper_gate = nn.Linear(1, out_features)
+        self.hyper_bias = nn.Linear(1, out_features, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=h.dtype, device=h.device).reshape(1, 1)
+        return self.linear(h) * torch.sigmoid(self.hyper_gate(t)) + self.hyper_bias(t)
+
+
+class ConcatLinear(nn.Module):
+    """Time-conditioned linear layer ``Linear([t, h])`` (FFJORD's ``concat``).
+
+    Example:
+        >>> ConcatLinear(3, 5)(0.1, torch.randn(4, 3)).shape
+        torch.Size([4, 5])
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self.linear = nn.Linear(in_features + 1, out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=h.dtype, device=h.device).reshape(1, 1)
+        return self.linear(torch.cat([t.expand(h.shape[0], 1), h], dim=1))
+
+
+class ODEnet(nn.Module):
+    """The dynamics ``f(t, z)`` of a CNF on vectors ``[B, D]``: time-conditioned linear layers
+    with the activation on all but the last.
+
+    Arguments:
+        features: ``D`` (input and output width).
+        hidden: hidden widths (FFJORD 2-D: three layers of 64).
+        activation: ``"tanh"`` (default) or ``"softplus"`` (smooth, as the divergence needs).
+        layer: ``"concatsquash"`` (default) or ``"concat"``.
+
+    Example:
+        >>> net = ODEnet(2, hidden=(16, 16))
+        >>> net(torch.tensor(0.0), torch.randn(8, 2)).shape
+        torch.Size([8, 2])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden: int | Sequence[int] = (64, 64, 64),
+        activation: str = "tanh",
+        layer: str = "concatsquash",
+    ):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+            hidden = [hidden]
+        if not isinstance(hidden, Sequence):
+            raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+        widths = [_positive_int(w, "hidden") for w in hidden]
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+        if layer not in _LAYERS:
+            raise ValueError(f"layer must be one of {_LAYERS}, got {layer!r}")
+        self.activation = activation
+        self.layer = layer
+        self._act = _ACTIVATIONS[activation]
+        cls = ConcatSquashLinear if layer == "concatsquash" else ConcatLinear
+        dims = [self.features] + widths + [self.features]
+        self.layers = nn.ModuleList(cls(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, activation={self.activation!r}, layer={self.layer!r}"
+
+    def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
+        h = z
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if k < last:
+                h = self._act(h)
+        return h
+
+
+# -- divergence -------------------------------------------------------------------------------
+
+
+def divergence_exact(f_out: Tensor, z: Tensor, create_graph: bool = True) -> Tensor:
+    """``tr(df/dz)`` per sample, ``[B]``, from ``D`` vector-Jacobian products (small ``D``).
+
+    ``f_out`` (``[B, D]``) must have been computed from ``z`` (``[B, D]``, requiring grad) row by
+    row. With ``create_graph`` the result is differentiable (w.r.t. ``z`` and the parameters).
+
+    Example:
+        >>> z = torch.randn(4, 3, requires_grad=True)
+        >>> divergence_exact(2 * z, z, create_graph=False)
+        tensor([6., 6., 6., 6.])
+    """
+    _check_pair(f_out, z)
+    total = f_out.new_zeros(f_out.shape[0])
+    for i in range(f_out.shape[1]):
+        (g,) = torch.autograd.grad(f_out[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
+        total = total + g[:, i]
+    return total
+
+
+def divergence_hutchinson(f_out: Tensor, z: Tensor, eps: Tensor, create_graph: bool = True) -> Tensor:
+    """Hutchinson's estimate ``<eps^T df/dz, eps>`` of ``tr(df/dz)`` per sample, ``[B]``.
+
+    Unbiased when ``eps`` has zero mean and identity covariance (Gaussian or Rademacher); one
+    vector-Jacobian product. ``eps`` has the shape of ``z``.
+
+    Example:
+        >>> z = torch.randn(4, 3, requires_grad=True)
+        >>> eps = torch.randn(4, 3)
+        >>> torch.allclose(divergence_hutchinson(2 * z, z, eps), 2 * (eps * eps).sum(1))
+        True
+    """
+    _check_pair(f_out, z)
+    if not isinstance(eps, Tensor) or eps.shape != z.shape:
+        raise ValueError(
+            f"eps must be a tensor of the shape of z {tuple(z.shape)}, got "
+            f"{tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}"
+        )
+    (vjp,) = torch.autograd.grad(f_out, z, eps, create_graph=create_graph, retain_graph=True)
+    return (vjp * eps).sum(1)
+
+
+def _check_pair(f_out: Tensor, z: Tensor) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 2:
+        raise ValueError(f"z must be a tensor [B, D], got {getattr(z, 'shape', type(z).__name__)}")
+    if not isinstance(f_out, Tensor) or f_out.shape != z.shape:
+        raise ValueError(
+            f"f_out must have the shape of z {tuple(z.shape)}, got "
+            f"{tuple(f_out.shape) if isinstance(f_out, Tensor) else type(f_out).__name__}"
+        )
+    if not z.requires_grad:
+        raise ValueError("z must require grad (f_out computed from it with autograd on)")
+
+
+def _probe(z: Tensor, kind: str) -> Tensor:
+    if kind == "gaussian":
+        return torch.randn_like(z)
+    return torch.randint_like(z, 0, 2).mul_(2).sub_(1)
+
+
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    else:
+        with torch.enable_grad():
+            yield
+
+
+# -- the layer --------------------------------------------------------------------------------
+
+
+class _Dynamics(nn.Module):
+    """The augmented dynamics of one solve (a fresh object per call: it holds that solve's
+    probes and counters). State ``(z, a[, kinetic, jac])`` in normalised time ``s``."""
+
+    def __init__(self, cnf: "CNF", estimator: str, eps: Tensor | None, regularize: bool):
+        super().__init__()
+        self.net = cnf.net
+        self._cnf = [cnf]  # not a submodule (no parameter twice)
+        self.estimator = estimator
+        self.eps = eps
+        self.regularize = regularize
+        self.nfe = 0
+        self.nfe_backward = 0
+        self.backward_phase = False
+
+    def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.backward_phase:
+            self.nfe_backward += 1
+        else:
+            self.nfe += 1
+        create_graph = torch.is_grad_enabled()
+        z = state[0]
+        with torch.enable_grad():
+            if not (create_graph and z.requires_grad):
+                z = z.detach().requires_grad_(True)
+            T = self._cnf[0].end_time
+            f = self.net(s * T, z)
+            if self.estimator == "exact":
+                div = divergence_exact(f, z, create_graph=create_graph)
+                vjp = None
+            else:
+                vjp = self._vjp(f, z, create_graph)
+                div = (vjp * self.eps).sum(1)
+            out = [T * f, T * div]
+            if self.regularize:
+                if vjp is None:
+                    vjp = self._vjp(f, z, create_graph)
+                out.append(T * f.pow(2).sum(1))
+                out.append(T * vjp.pow(2).sum(1))
+        if not create_graph:
+            out = [o.detach() for o in out]
+        return tuple(out)
+
+    def _vjp(self, f: Tensor, z: Tensor, create_graph: bool) -> Tensor:
+        (vjp,) = torch.autograd.grad(f, z, self.eps, create_graph=create_graph, retain_graph=True)
+        return vjp
+
+
+class CNF(Transform):
+    """One continuous normalizing flow block on vectors ``[B, D]`` (module docstring).
+
+    Arguments:
+        features: ``D``.
+        net: the dynamics, an ``nn.Module`` with ``forward(t, z) -> dz/dt`` acting row by row
+            (None: ``ODEnet(features, hidden, activation, layer)``).
+        hidden, activation, layer: of the default :class:`ODEnet` (ignored with ``net``).
+        T: the end time (FFJORD: 0.5).
+        train_T: learn ``T`` (as ``T = sqrt_T^2``, FFJORD's parametrisation); else a buffer.
+        estimator: divergence kind in training mode, ``"hutchinson"`` (default) or ``"exact"``.
+        eval_estimator: kind in eval mode (None: ``"exact"`` when ``D <= exact_max_dim``, else
+            ``"hutchinson"``).
+        exact_max_dim: the largest ``D`` for which the default eval estimator is exact.
+        probe: Hutchinson probe distribution, ``"gaussian"`` (default) or ``"rademacher"``.
+        solver: torchdiffeq method, one of :data:`SOLVERS` (default ``"dopri5"``).
+        atol, rtol: tolerances of the adaptive solvers (and of the adjoint solve).
+        adjoint: gradients by the adjoint method (``odeint_adjoint``, memory independent of the
+            number of steps); False backpropagates through the solver.
+        step_size: step of the fixed-step solvers (rk4, euler, midpoint), in time ``t``.
+        kinetic, jacobian_frobenius: integrate the RNODE regularisers in training mode
+            (``last_kinetic``, ``last_jacobian_frobenius``).
+
+    Example:
+        >>> cnf = CNF(2, hidden=(16, 16), T=0.5)
+        >>> x = torch.randn(8, 2)
+        >>> z, logdet = cnf(x)
+        >>> x2, logdet_inv = cnf.inverse(z)
+        >>> cnf.last_nfe > 0, torch.allclose(x, x2, atol=1e-3)
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        features: int,
+        net: nn.Module | None = None,
+        hidden: int | Sequence[int] = (64, 64, 64),
+        activation: str = "tanh",
+        layer: str = "concatsquash",
+        T: float = 0.5,
+        train_T: bool = True,
+        estimator: str = "hutchinson",
+        eval_estimator: str | None = None,
+        exact_max_dim: int = 2,
+        probe: str = "gaussian",
+        solver: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        adjoint: bool = True,
+        step_size: float | None = None,
+        kinetic: bool = False,
+        jacobian_frobenius: bool = False,
+    ):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        if net is None:
+            net = ODEnet(self.features, hidden, activation, layer)
+        elif not isinstance(net, nn.Module):
+            raise ValueError(f"net must be an nn.Module with forward(t, z), got {type(net).__name__}")
+        self.net = net
+        T = _positive_float(T, "T")
+        if not isinstance(train_T, bool):
+            raise ValueError(f"train_T must be a bool, got {train_T!r}")
+        self.train_T = train_T
+        sqrt_T = torch.tensor(math.sqrt(T))
+        if train_T:
+            self.sqrt_T = nn.Parameter(sqrt_T)
+        else:
+            self.register_buffer("sqrt_T", sqrt_T)
+        self.estimator = estimator
+        self.eval_estimator = eval_estimator
+        self.exact_max_dim = _int_at_least(exact_max_dim, "exact_max_dim", 0)
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+        self.probe = probe
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        self.solver = solver
+        self.atol = _positive_float(atol, "atol")
+        self.rtol = _positive_float(rtol, "rtol")
+        if not isinstance(adjoint, bool):
+            raise ValueError(f"adjoint must be a bool, got {adjoint!r}")
+        self.adjoint = adjoint
+        if step_size is not None:
+            step_size = _positive_float(step_size, "step_size")
+        elif solver in FIXED_SOLVERS:
+            raise ValueError(f"step_size must be given for the fixed-step solver {solver!r}")
+        self.step_size = step_size
+        self.kinetic = bool(kinetic)
+        self.jacobian_frobenius = bool(jacobian_frobenius)
+        # diagnostics
+        self.last_nfe: int | None = None
+        self.last_estimator: str | None = None
+        self.last_kinetic: Tensor | None = None
+        self.last_jacobian_frobenius: Tensor | None = None
+        self._last_dynamics: list[_Dynamics] = []  # a list: not registered as a submodule
+
+    def extra_repr(self) -> str:
+        return (
+            f"features={self.features}, T={self.end_time.item():.4g}, estimator={self.estimator!r}, "
+            f"solver={self.solver!r}, atol={self.atol:g}, rtol={self.rtol:g}, adjoint={self.adjoint}"
+        )
+
+    # -- attributes -------------------------------------------------------------------------
+
+    @property
+    def end_time(self) -> Tensor:
+        """``T = sqrt_T^2`` (a tensor; differentiable when ``train_T``)."""
+        return self.sqrt_T * self.sqrt_T
+
+    @property
+    def estimator(self) -> str:
+        return self._estimator
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        if value not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {value!r}")
+        self._estimator = value
+
+    @property
+    def eval_estimator(self) -> str | None:
+        return self._eval_estimator
+
+    @eval_estimator.setter
+    def eval_estimator(self, value: str | None) -> None:
+        if value is not None and value not in ESTIMATORS:
+            raise ValueError(f"eval_estimator must be one of {ESTIMATORS} or None, got {value!r}")
+        self._eval_estimator = value
+
+    def active_estimator(self) -> str:
+        """The kind a call uses now (training or eval mode)."""
+        if self.training:
+            return self._estimator
+        if self._eval_estimator is not None:
+            return self._eval_estimator
+        return "exact" if self.features <= self.exact_max_dim else "hutchinson"
+
+    @property
+    def last_nfe_backward(self) -> int | None:
+        """Evaluations of the dynamics in the adjoint solves of backward passes through the last
+        call (0 with ``adjoint=False``; None before a call)."""
+        return self._last_dynamics[0].nfe_backward if self._last_dynamics else None
+
+    # -- the solves -------------------------------------------------------------------------
+
+    def _check_input(self, x: Any, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ValueError(f"{name} must have shape [batch, {self.features}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} has non-finite values (NaN or inf); the ODE solve needs finite input")
+
+    def _solve(self, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+        td = _torchdiffeq()
+        estimator = self.active_estimator()
+        regularize = self.training and (self.kinetic or self.jacobian_frobenius) and not reverse
+        inference = torch.is_inference_mode_enabled()
+        grad_on = torch.is_grad_enabled() and not inference
+        with _autograd_on():
+            if inference:
+                x = x.clone()
+            need_eps = estimator == "hutchinson" or regularize
+            eps = _probe(x, self.probe) if need_eps else None
+            dyn = _Dynamics(self, estimator, eps, regularize)
+            zeros = x.new_zeros(x.shape[0])
+            state = (x, zeros) + ((zeros, zeros) if regularize else ())
+            s = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=x.dtype, device=x.device)
+            options = None
+            if self.step_size is not None and self.solver in FIXED_SOLVERS:
+                options = {"step_size": self.step_size / float(self.end_time.detach())}
+            kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver, options=options)
+            if self.adjoint and grad_on:
+                params = tuple(self.net.parameters())
+                if self.train_T:
+                    params = params + (self.sqrt_T,)
+                out = td.odeint_adjoint(dyn, state, s, adjoint_params=params, **kwargs)
+            elif grad_on:
+                out = td.odeint(dyn, state, s, **kwargs)
+            else:
+                with torch.no_grad():  # the dynamics turn autograd on for the divergence only
+                    out = td.odeint(dyn, state, s, **kwargs)
+            dyn.backward_phase = True
+        self._last_dynamics = [dyn]
+        self.last_nfe = dyn.nfe
+        self.last_estimator = estimator
+        final = [o[-1] for o in out]
+        if inference or not grad_on:
+            final = [o.detach() for o in final]
+        if regularize:
+            self.last_kinetic = final[2] if self.kinetic else None
+            self.last_jacobian_frobenius = final[3] if self.jacobian_frobenius else None
+        else:
+            self.last_kinetic = self.last_jacobian_frobenius = None
+        return final[0], final[1]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z(T), log|det dz/dx|)``, integrating ``0 -> T``."""
+        self._check_input(x, "x")
+        return self._solve(x, reverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dz|)``, integrating ``T -> 0`` (the log-det comes out negated)."""
+        self._check_input(z, "z")
+        return self._solve(z, reverse=True)
+
+
+class FFJORD(Flow):
+    """FFJORD for vectors ``[B, D]``: ``n_blocks`` :class:`CNF` blocks and a standard normal
+    base (or ``base``).
+
+    Grathwohl et al. "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative
+    Models" (2019), https://arxiv.org/abs/1810.01367.
+
+    Arguments:
+        features: ``D``.
+        n_blocks: CNF blocks (FFJORD 2-D toy: 1).
+        hidden, activation, layer: of each block's :class:`ODEnet`.
+        base: base distribution (None: standard normal over ``D``).
+        **cnf_kwargs: passed to every :class:`CNF` (``T``, ``estimator``, ``solver``, ``atol``,
+            ``rtol``, ``adjoint``, ...).
+
+    Example:
+        >>> flow = FFJORD(2, hidden=(16, 16))
+        >>> flow.log_prob(torch.randn(4, 2)).shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        n_blocks: int = 1,
+        hidden: int | Sequence[int] = (64, 64, 64),
+        activation: str = "tanh",
+        layer: str = "concatsquash",
+        base: nn.Module | None = None,
+        **cnf_kwargs: Any,
+    ):
+        features = _positive_int(features, "features")
+        n_blocks = _positive_int(n_blocks, "n_blocks")
+        blocks = [
+            CNF(features, hidden=hidden, activation=activation, layer=layer, **cnf_kwargs)
+            for _ in range(n_blocks)
+        ]
+        super().__init__(blocks, base=base, event_shape=features)
+
+    @property
+    def blocks(self) -> list[CNF]:
+        return list(self.transform)
+
+    @property
+    def last_nfe(self) -> int:
+        """Evaluations of the dynamics in the forward solves of the last call, all blocks."""
+        return sum(b.last_nfe or 0 for b in self.blocks)
