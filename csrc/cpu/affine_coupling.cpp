@@ -17,6 +17,7 @@ namespace {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+using vecmath::reduce_sum;
 
 template <typename T>
 inline Vec<T> load(const T* p, int64_t n) {
@@ -63,17 +64,6 @@ struct SigmoidScale {
     log_s = at::vec::minimum(a, Vec<T>(T(0))) - vecmath::log1p_unit(e);
   }
 };
-
-template <typename T>
-inline T reduce_sum(const Vec<T>& v) {
-  __at_align__ T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T total = T(0);
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) {
-    total += lanes[i];
-  }
-  return total;
-}
 
 inline int64_t grain_for(int64_t per_sample) {
   // Enough elements per task that thread start-up does not dominate.

@@ -24,23 +24,14 @@
 #include <vector>
 
 #include "fastflow/spectral_norm.h"
+#include "fastflow/vec_math.h"
 
 namespace fastflow {
 namespace {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline T reduce_sum(const Vec<T>& v) {
-  __at_align__ T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T total = T(0);
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) {
-    total += lanes[i];
-  }
-  return total;
-}
+using vecmath::reduce_sum;
 
 // sum_j a[j] b[j], four independent vector accumulators.
 template <typename T>

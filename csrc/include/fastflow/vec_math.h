@@ -1,4 +1,4 @@
-// Vectorised exp, tanh and log1p for the CPU kernels.
+// Vectorised exp, tanh and log1p, and a horizontal sum, for the CPU kernels.
 //
 // float under AVX2: own polynomial kernels, inlined. ATen's Vectorized<float>::exp/tanh/log1p
 // call SLEEF's u10 routines, which are accurate to 1 ulp but cost 3-10x more (SLEEF's expm1 and
@@ -32,6 +32,18 @@ inline Vec<T> tanh(const Vec<T>& x) {
 template <typename T>
 inline Vec<T> log1p_unit(const Vec<T>& e) {
   return e.log1p();
+}
+
+// The sum of a vector's lanes, in lane order.
+template <typename T>
+inline T reduce_sum(const Vec<T>& v) {
+  __at_align__ T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T total = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) {
+    total += lanes[i];
+  }
+  return total;
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
