@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from fastflow import Compose, Flow
 from fastflow.nn import ActNorm, AffineCoupling, initialize_actnorm
+
+from _distributed import run_forked
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -279,21 +279,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_distributed_init_all_reduces_statistics(tmp_path):
     world_size = 2
-    # fork, not spawn: a spawned child re-imports torch (seconds each on a busy machine); the
-    # worker sets one thread first, as DataLoader workers do, which makes OpenMP fork-safe.
-    context = mp.start_processes(
-        _distributed_worker,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world_size,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the distributed workers did not finish within 120 s")
+    run_forked(_distributed_worker, (world_size, str(tmp_path / "init"), str(tmp_path)), world_size)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for key, name in (("a", "image"), ("b", "vector")):
         states = [r[key] for r in results]

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastflow.models import Glow
 from fastflow.nn import ActNorm, initialize_actnorm
+
+from _distributed import run_forked
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -135,21 +135,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, mode: str)
 
 
 def run_ranks(tmp_path, mode: str) -> list[dict]:
-    # fork, not spawn: a spawned child re-imports torch (seconds each on a busy machine); the
-    # worker sets one thread first, which makes OpenMP fork-safe (as in test_actnorm.py).
-    context = mp.start_processes(
-        _worker,
-        args=(WORLD_SIZE, str(tmp_path / "init"), str(tmp_path), mode),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="fork",
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("the distributed workers did not finish within 120 s")
+    run_forked(_worker, (WORLD_SIZE, str(tmp_path / "init"), str(tmp_path), mode), WORLD_SIZE)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
