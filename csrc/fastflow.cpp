@@ -52,4 +52,22 @@ TORCH_LIBRARY(fastflow, m) {
   m.def(
       "spectral_norm_apply_backward(Tensor grad_w_hat, Tensor grad_sigma, Tensor weight, "
       "Tensor u, Tensor v, float coeff) -> Tensor");
+  // Hutchinson traces of powers of an MLP's Jacobian (residual flows' log-det series, FFJORD's
+  // divergence) by forward-mode products through the known layers, and the batched fixed-point
+  // inverse of y = x + g(x) for such an MLP. The network and the meaning of every argument:
+  // csrc/include/fastflow/mlp_trace.h. act: 0 identity, 1 elu, 2 lipswish, 3 tanh, 4 softplus.
+  m.def(
+      "mlp_trace(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] gates, Tensor[] shifts, "
+      "Tensor betas, int act, bool preact, Tensor probes, float[] value_coeffs, "
+      "float[] psi_coeffs) -> (Tensor, Tensor, Tensor)");
+  // Gradients of <grad_out, out> + sum_b grad_trace_b mean_p <v, J psi> (v, psi constants)
+  // w.r.t. x, weights, biases, gates, shifts and betas.
+  m.def(
+      "mlp_trace_backward(Tensor grad_out, Tensor grad_trace, Tensor x, Tensor[] weights, "
+      "Tensor[] biases, Tensor[] gates, Tensor[] shifts, Tensor betas, int act, bool preact, "
+      "Tensor probes, Tensor psi) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor)");
+  // (x, iterations [B] int64, residual [B]) of x <- y - g(x), per sample, from x = y.
+  m.def(
+      "mlp_fixed_point(Tensor y, Tensor[] weights, Tensor[] biases, Tensor betas, int act, "
+      "bool preact, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
 }

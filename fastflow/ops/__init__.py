@@ -30,6 +30,14 @@ from fastflow.ops.logdet_estimators import (
     roulette_tail_prob,
     sample_probes,
 )
+from fastflow.ops.mlp_trace import (
+    MLP_ACTIVATIONS,
+    mlp_apply_reference,
+    mlp_fixed_point,
+    mlp_fixed_point_reference,
+    mlp_trace,
+    mlp_trace_reference,
+)
 from fastflow.ops.spectral_norm import (
     spectral_norm_apply,
     spectral_norm_apply_backward_reference,
@@ -61,6 +69,12 @@ __all__ = [
     "logdet_exact",
     "logdet_roulette",
     "logdet_series",
+    "MLP_ACTIVATIONS",
+    "mlp_apply_reference",
+    "mlp_fixed_point",
+    "mlp_fixed_point_reference",
+    "mlp_trace",
+    "mlp_trace_reference",
     "roulette_tail_prob",
     "sample_probes",
     "spectral_norm_apply",

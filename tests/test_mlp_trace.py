@@ -1,0 +1,285 @@
+"""Tests of the MLP trace operators (fastflow.ops.mlp_trace): native == reference (values and
+the surrogate gradient), gradcheck where the gradient is exact, opcheck, the trace against
+brute-force Jacobian powers, the fixed-point solve, NaN isolation and bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastflow
+from fastflow.ops.mlp_trace import (
+    MLP_ACTIVATIONS,
+    mlp_apply_reference,
+    mlp_fixed_point,
+    mlp_fixed_point_reference,
+    mlp_trace,
+    mlp_trace_reference,
+)
+
+from _devices import DEVICES, native_on, requires_native
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ACTS = ["elu", "lipswish", "tanh", "softplus", "identity"]
+
+
+def _net(widths, act, preact=False, bias=True, gated=False, batch=5, dtype=torch.float64,
+         device="cpu", scale=0.6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    weights, biases, gates, shifts = [], [], [], []
+    for i in range(len(widths) - 1):
+        w = rnd(widths[i + 1], widths[i])
+        weights.append(w * scale / torch.linalg.matrix_norm(w, ord=2))
+        if bias:
+            biases.append(rnd(widths[i + 1]) * 0.3)
+        if gated:
+            gates.append(torch.sigmoid(rnd(widths[i + 1])))
+            shifts.append(rnd(batch, widths[i + 1]) * 0.2 if i == 0 else rnd(widths[i + 1]) * 0.2)
+    n_act = 0 if act == "identity" else len(weights) - (0 if preact else 1)
+    betas = (torch.rand(n_act, generator=gen, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype) \
+        if act == "lipswish" else None
+    return dict(weights=weights, biases=biases, gates=gates, shifts=shifts, betas=betas,
+                activation=act, preact=preact)
+
+
+def _series(k):
+    return [(-1) ** (j + 1) / j for j in range(1, k + 1)], [(-1) ** j for j in range(k)]
+
+
+def _both(x, net, probes, vc, pc):
+    """(native, reference) results with gradients w.r.t. x and every layer tensor."""
+    results = []
+    for backend in ("native", "reference"):
+        xs = x.detach().clone().requires_grad_()
+        leaves = {k: [t.detach().clone().requires_grad_() for t in net[k]]
+                  for k in ("weights", "biases", "gates", "shifts")}
+        betas = None if net["betas"] is None else net["betas"].detach().clone().requires_grad_()
+        with fastflow.backend(backend):
+            out, tr = mlp_trace(xs, leaves["weights"], leaves["biases"], leaves["gates"],
+                                leaves["shifts"], betas, net["activation"], net["preact"],
+                                probes=probes, value_coeffs=vc, psi_coeffs=pc)
+        gen = torch.Generator().manual_seed(7)
+        go = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
+        gt = torch.randn(tr.shape, generator=gen, dtype=torch.float64).to(tr)
+        flat = [xs] + sum(leaves.values(), []) + ([betas] if betas is not None else [])
+        grads = torch.autograd.grad((out * go).sum() + (tr * gt).sum(), flat, allow_unused=True)
+        results.append((out.detach(), tr.detach(), grads))
+    return results
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act,preact,bias,gated", [
+    ("elu", False, True, False), ("elu", True, True, False), ("lipswish", True, True, False),
+    ("lipswish", False, False, False), ("tanh", False, True, True), ("softplus", False, True, True),
+    ("identity", False, True, True), ("lipswish", True, True, True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_matches_reference(device, act, preact, bias, gated, dtype):
+    if not native_on(device):
+        pytest.skip(f"no native kernels on {device}")
+    widths = [3, 16, 7, 3]
+    net = _net(widths, act, preact, bias, gated, batch=5, dtype=dtype, device=device)
+    x = torch.randn(5, 3, dtype=dtype, device=device)
+    for n_probes, k in [(1, 1), (2, 4), (3, 6)]:
+        probes = torch.randn(n_probes, 5, 3, dtype=dtype, device=device)
+        vc, pc = _series(k)
+        (o1, t1, g1), (o2, t2, g2) = _both(x, net, probes, vc, pc)
+        tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+        torch.testing.assert_close(o1, o2, **tol)
+        torch.testing.assert_close(t1, t2, **tol)
+        for a, b in zip(g1, g2):
+            if a is None or b is None:
+                assert a is None or not a.any()
+                assert b is None or not b.any()
+                continue
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_trace_equals_brute_force_jacobian_powers():
+    """<v, J^k v> summed with the coefficients, against J from torch.autograd.functional."""
+    net = _net([4, 9, 4], "lipswish", preact=True, batch=3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    probes = torch.randn(2, 3, 4, dtype=torch.float64)
+    vc = [0.7, -0.2, 0.05]
+    for backend in ("native", "reference") if fastflow.native_available() else ("reference",):
+        with fastflow.backend(backend):
+            _, tr = mlp_trace(x, net["weights"], net["biases"], betas=net["betas"],
+                              activation="lipswish", preact=True, probes=probes, value_coeffs=vc)
+        want = []
+        for b in range(3):
+            J = torch.autograd.functional.jacobian(
+                lambda z: mlp_apply_reference(z[None], net["weights"], net["biases"], net["betas"],
+                                              "lipswish", True)[0], x[b])
+            total = 0.0
+            for v in probes[:, b]:
+                Jk = torch.eye(4, dtype=torch.float64)
+                for c in vc:
+                    Jk = J @ Jk
+                    total = total + c * (v @ Jk @ v)
+            want.append(total / 2)
+        torch.testing.assert_close(tr, torch.stack(want), rtol=1e-10, atol=1e-12)
+
+
+@requires_native
+@pytest.mark.parametrize("act,gated", [("lipswish", False), ("elu", False), ("tanh", True),
+                                       ("softplus", True)])
+def test_gradcheck_exact_trace(act, gated):
+    """With K = 1 and psi = v the hand-written backward is the exact gradient of v^T J v."""
+    net = _net([2, 5, 2], act, preact=act == "lipswish", gated=gated, batch=3)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    probes = torch.randn(2, 3, 2, dtype=torch.float64)
+    ws = [w.requires_grad_() for w in net["weights"]]
+    bs = [b.requires_grad_() for b in net["biases"]]
+    gs = [g.requires_grad_() for g in net["gates"]]
+    ss = [s.requires_grad_() for s in net["shifts"]]
+    betas = net["betas"].requires_grad_() if net["betas"] is not None else None
+
+    def f(x, *flat):
+        n = len(ws)
+        w, rest = list(flat[:n]), list(flat[n:])
+        b = rest[:len(bs)]; rest = rest[len(bs):]
+        g = rest[:len(gs)]; rest = rest[len(gs):]
+        s = rest[:len(ss)]; rest = rest[len(ss):]
+        be = rest[0] if rest else None
+        with fastflow.backend("native"):
+            return mlp_trace(x, w, b, g, s, be, act, act == "lipswish", probes=probes,
+                             value_coeffs=[1.0])
+    inputs = (x, *ws, *bs, *gs, *ss) + ((betas,) if betas is not None else ())
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not native_on(device):
+        pytest.skip(f"no native kernels on {device}")
+    for act, gated in [("lipswish", False), ("tanh", True)]:
+        net = _net([3, 6, 3], act, preact=True, gated=gated, batch=4, device=device)
+        x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+        ws = [w.requires_grad_() for w in net["weights"]]
+        betas = net["betas"] if net["betas"] is not None else x.new_zeros(0)
+        probes = torch.randn(2, 4, 3, dtype=torch.float64, device=device)
+        code = MLP_ACTIVATIONS[act]
+        args = (x, ws, net["biases"], net["gates"], net["shifts"], betas, code, True, probes,
+                [1.0, -0.5], [1.0, -1.0])
+        torch.library.opcheck(torch.ops.fastflow.mlp_trace.default, args)
+        y = torch.randn(4, 3, dtype=torch.float64, device=device)
+        if not gated:
+            torch.library.opcheck(
+                torch.ops.fastflow.mlp_fixed_point.default,
+                (y, [w.detach() for w in ws], net["biases"], betas, code, True, 1e-8, 100),
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act,preact", [("lipswish", True), ("elu", False), ("lipswish", False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_point_inverts(device, act, preact, dtype):
+    net = _net([4, 32, 32, 4], act, preact, batch=64, dtype=dtype, device=device, scale=0.9)
+    x = torch.randn(64, 4, dtype=dtype, device=device) * 2
+    y = x + mlp_apply_reference(x, net["weights"], net["biases"], net["betas"], act, preact)
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    got = {}
+    for backend in ("native", "reference") if native_on(device) else ("reference",):
+        with fastflow.backend(backend):
+            got[backend] = mlp_fixed_point(y, net["weights"], net["biases"], net["betas"], act,
+                                           preact, tol=tol, max_iter=500)
+        x2, iters, res = got[backend]
+        assert bool((res <= tol).all()), res.max()
+        err = 1e-8 if dtype == torch.float64 else 1e-4
+        assert float((x2 - x).abs().max()) < err
+        assert iters.dtype == torch.long and int(iters.min()) >= 1
+    if "native" in got:
+        (xn, itn, rn), (xr, itr, rr) = got["native"], got["reference"]
+        torch.testing.assert_close(xn, xr)
+        # the same iteration, in the same order of operations: the counts agree to within one
+        assert int((itn - itr).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_point_nan_stays_in_its_sample_and_budget(device):
+    net = _net([3, 16, 3], "elu", batch=6, device=device, scale=0.8)
+    x = torch.randn(6, 3, dtype=torch.float64, device=device)
+    y = x + mlp_apply_reference(x, net["weights"], net["biases"], None, "elu")
+    y[2, 1] = float("nan")
+    x2, iters, res = mlp_fixed_point(y, net["weights"], net["biases"], None, "elu",
+                                     tol=1e-12, max_iter=300)
+    assert torch.isnan(res[2]) and torch.isnan(x2[2]).all()
+    keep = torch.tensor([0, 1, 3, 4, 5], device=device)
+    assert float((x2[keep] - x[keep]).abs().max()) < 1e-10
+    assert int(iters[2]) == 1
+    # a budget too small: the residuals say so (the caller reports it)
+    _, iters, res = mlp_fixed_point(y[keep], net["weights"], net["biases"], None, "elu",
+                                    tol=1e-12, max_iter=2)
+    assert bool((iters == 2).all()) and bool((res > 1e-12).all())
+
+
+def test_bad_input_names_the_argument():
+    net = _net([3, 5, 3], "lipswish", preact=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    probes = torch.randn(1, 5, 3, dtype=torch.float64)
+    kw = dict(probes=probes, value_coeffs=[1.0])
+    base = (net["weights"], net["biases"], (), (), net["betas"], "lipswish", True)
+    for backend in ("native", "reference") if fastflow.native_available() else ("reference",):
+        with fastflow.backend(backend):
+            with pytest.raises(ValueError, match="x must be a matrix"):
+                mlp_trace(x[None], *base, **kw)
+            with pytest.raises(ValueError, match=r"weights\[1\]"):
+                mlp_trace(x, [net["weights"][0], net["weights"][1][:, :2]], *base[1:], **kw)
+            with pytest.raises(ValueError, match="betas"):
+                mlp_trace(x, net["weights"], net["biases"], (), (), None, "lipswish", True, **kw)
+            with pytest.raises(ValueError, match="activation"):
+                mlp_trace(x, net["weights"], net["biases"], (), (), None, "relu", True, **kw)
+            with pytest.raises(ValueError, match="probes"):
+                mlp_trace(x, *base, probes=probes[:, :4], value_coeffs=[1.0])
+            with pytest.raises(ValueError, match="dtype"):
+                mlp_trace(x.float(), *base, probes=probes.float(), value_coeffs=[1.0])
+            with pytest.raises(ValueError, match=r"biases\[0\]"):
+                mlp_trace(x, net["weights"], [net["biases"][0][:2], net["biases"][1]],
+                          *base[2:], **kw)
+            with pytest.raises(ValueError, match="psi_coeffs"):
+                mlp_trace(x, *base, probes=probes, value_coeffs=[1.0], psi_coeffs=[1.0, 2.0])
+            with pytest.raises(ValueError, match="tol"):
+                mlp_fixed_point(x, net["weights"], net["biases"], net["betas"], "lipswish", True,
+                                tol=0.0)
+            with pytest.raises(ValueError, match="max_iter"):
+                mlp_fixed_point(x, net["weights"], net["biases"], net["betas"], "lipswish", True,
+                                max_iter=0)
+
+
+@requires_native
+def test_raw_operator_errors_name_the_argument():
+    net = _net([3, 5, 3], "elu")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    probes = torch.randn(1, 5, 3, dtype=torch.float64)
+    op = torch.ops.fastflow.mlp_trace
+    e = x.new_zeros(0)
+    with pytest.raises(RuntimeError, match="probes"):
+        op(x, net["weights"], net["biases"], [], [], e, 1, False, probes[:, :2], [1.0], [1.0])
+    with pytest.raises(RuntimeError, match="act must be"):
+        op(x, net["weights"], net["biases"], [], [], e, 9, False, probes, [1.0], [1.0])
+    with pytest.raises(RuntimeError, match="gates"):
+        op(x, net["weights"], net["biases"], [x[:1, :1]], [], e, 1, False, probes, [1.0], [1.0])
+    with pytest.raises(RuntimeError, match="tol"):
+        torch.ops.fastflow.mlp_fixed_point(x, net["weights"], net["biases"], e, 1, False, -1.0, 5)
+
+
+def test_nan_in_one_sample_stays_there():
+    net = _net([3, 8, 3], "lipswish", preact=True, batch=4)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    probes = torch.randn(1, 4, 3, dtype=torch.float64)
+    for backend in ("native", "reference") if fastflow.native_available() else ("reference",):
+        with fastflow.backend(backend):
+            out, tr = mlp_trace(x, net["weights"], net["biases"], (), (), net["betas"],
+                                "lipswish", True, probes=probes, value_coeffs=[1.0, -0.5])
+        assert torch.isnan(tr[1]) and torch.isnan(out[1]).all()
+        assert torch.isfinite(tr[[0, 2, 3]]).all() and torch.isfinite(out[[0, 2, 3]]).all()
