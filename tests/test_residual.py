@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastflow
 from fastflow.flow import Flow
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.residual import ESTIMATORS, ResidualFlow, iResBlock, residual_mlp
@@ -499,3 +500,132 @@ def test_residual_cnn_is_contractive():
         J = torch.autograd.functional.jacobian(lambda v: conv(v[None])[0].reshape(-1), x)
         # the power iteration approaches sigma from below: allow its last 0.1%
         assert torch.linalg.matrix_norm(J.reshape(-1, x.numel()), ord=2) <= 0.9 * (1 + 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# the native path (fastflow.ops.mlp_trace): MLP-structured branches
+
+
+def test_mlp_structure_is_recognised_only_where_the_operators_apply():
+    from fastflow.nn.lipschitz import LipSwish
+    from fastflow.nn.residual import mlp_structure
+
+    act, preact, lins, acts = mlp_structure(residual_mlp(3, hidden=8, n_hidden=2))
+    assert (act, preact, len(lins), len(acts)) == ("lipswish", True, 3, 3)
+    act, preact, lins, acts = mlp_structure(residual_mlp(3, hidden=8, n_hidden=1, activation="elu",
+                                                         preact=False))
+    assert (act, preact, len(lins), len(acts)) == ("elu", False, 2, 1)
+    assert mlp_structure(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))) is None
+    assert mlp_structure(nn.Sequential(nn.Linear(2, 4), LipSwish(), nn.Linear(4, 2), nn.ELU())) is None
+    assert mlp_structure(nn.Sequential(nn.Linear(2, 4), nn.ELU(alpha=0.5), nn.Linear(4, 2))) is None
+    assert mlp_structure(nn.Sequential(nn.Linear(2, 4), nn.ELU(), nn.Linear(4, 2, bias=False))) is None
+    assert mlp_structure(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.skipif(not fastflow.native_available(), reason="fastflow._C is not built")
+@pytest.mark.parametrize("kind,kwargs", [
+    ("roulette", {}), ("series", dict(series_grad="neumann", n_terms=4)),
+    ("series", dict(series_grad="neumann", n_terms=1)),
+])
+def test_native_block_matches_the_reference_block(kind, kwargs):
+    """Same draws, same values; with one term the surrogate is the value and the gradients are
+    the same too (with more, native and reference are different unbiased estimators: the native
+    psi is a sum of J^j v, the reference's of v^T J^j)."""
+    block = mlp_block(3, estimator=kind, **kwargs)
+    x = data(6, 3, torch.float64)
+    out = {}
+    for backend in ("native", "reference"):
+        xg = x.clone().requires_grad_()
+        block.zero_grad()
+        torch.manual_seed(5)
+        with fastflow.backend(backend):
+            y, logdet = block(xg)
+        (y.square().sum() + 3 * logdet.sum()).backward()
+        out[backend] = (y.detach(), logdet.detach(), block.last_terms, xg.grad,
+                        [p.grad.clone() for p in block.g.parameters()])
+    (yn, ln, tn, gxn, gpn), (yr, lr, tr, gxr, gpr) = out["native"], out["reference"]
+    torch.testing.assert_close(yn, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ln, lr, rtol=1e-10, atol=1e-12)
+    assert tn == tr
+    if kwargs.get("n_terms") == 1:  # float64, different orders of the same sums
+        torch.testing.assert_close(gxn, gxr, rtol=1e-7, atol=1e-10)
+        for a, b in zip(gpn, gpr):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.skipif(not fastflow.native_available(), reason="fastflow._C is not built")
+def test_native_roulette_gradient_is_unbiased():
+    """The native Neumann gradient w.r.t. x and every parameter (weights through the spectral
+    norm, biases, LipSwish betas), averaged over draws, is the exact log-det's gradient."""
+    block = mlp_block(2, estimator="roulette", hidden=8)
+    block.eval()  # no power-iteration update between draws
+    block.eval_estimator = "roulette"
+    x0 = data(2, 2, torch.float64)
+    reps = 1024
+    x = x0.repeat_interleave(reps, 0).requires_grad_()
+    torch.manual_seed(0)
+    n_draws = 8
+    gx = torch.zeros_like(x)
+    gp = [torch.zeros_like(p) for p in block.g.parameters()]
+    with fastflow.backend("native"):
+        for _ in range(n_draws):
+            block.zero_grad()
+            x.grad = None
+            block(x)[1].sum().backward()
+            gx += x.grad / n_draws
+            for acc, p in zip(gp, block.g.parameters()):
+                acc += p.grad / n_draws
+    block.eval_estimator = "exact"
+    xe = x0.clone().requires_grad_()
+    block.zero_grad()
+    block(xe)[1].sum().backward()
+    g = gx.view(2, reps, 2)
+    mean, se = g.mean(1), g.std(1) / math.sqrt(reps)
+    assert ((mean - xe.grad).abs() <= 4.5 * se + 1e-9).all()
+    # parameters: the per-draw sums over 2 * reps samples estimate reps * the exact gradient
+    for acc, p in zip(gp, block.g.parameters()):
+        exact = (torch.zeros_like(p) if p.grad is None else p.grad) * reps  # last bias: no effect
+        assert float((acc - exact).norm()) <= 0.1 * float(exact.norm()) + 1e-6, p.shape
+
+
+@pytest.mark.skipif(not fastflow.native_available(), reason="fastflow._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_inverse_matches_the_reference(dtype):
+    block = mlp_block(4, dtype=dtype, hidden=16)
+    x = data(32, 4, dtype)
+    with torch.no_grad():
+        y, _ = block(x)
+    got = {}
+    for backend in ("native", "reference"):
+        with fastflow.backend(backend):
+            x2, _ = block.inverse(y, tol=1e-9 if dtype == torch.float64 else 1e-6)
+        got[backend] = (x2, block.last_iterations.clone(), block.last_residual.clone())
+        assert bool(block.last_converged.all())
+        assert float((x2.detach() - x).abs().max()) < (1e-7 if dtype == torch.float64 else 1e-4)
+    assert int((got["native"][1] - got["reference"][1]).abs().max()) <= 1
+    # the implicit-function gradient is unchanged by the native solve
+    yg = y.clone().requires_grad_()
+    with fastflow.backend("native"):
+        x2, _ = block.inverse(yg, tol=1e-9 if dtype == torch.float64 else 1e-6)
+    x2.sum().backward()
+    assert torch.isfinite(yg.grad).all()
+
+
+@pytest.mark.skipif(not fastflow.native_available(), reason="fastflow._C is not built")
+def test_native_path_in_no_grad_and_inference_mode():
+    block = mlp_block(3, estimator="roulette").eval()
+    block.eval_estimator = "roulette"  # eval mode: no power-iteration update between the calls
+    x = data(5, 3, torch.float64)
+    torch.manual_seed(2)
+    with torch.no_grad(), fastflow.backend("native"):
+        y1, l1 = block(x)
+    torch.manual_seed(2)
+    with torch.inference_mode(), fastflow.backend("native"):
+        y2, l2 = block(x)
+    torch.manual_seed(2)
+    with torch.no_grad(), fastflow.backend("reference"):
+        y3, l3 = block(x)
+    assert not l1.requires_grad and not l2.requires_grad
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(l1, l3, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y1, y3)

@@ -62,7 +62,9 @@ from fastflow._checks import on_fail as _check_on_fail
 from fastflow._checks import positive_float as _check_positive_float
 from fastflow.ops.fixed_point import FixedPointResult, fixed_point_inverse
 from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette, logdet_series
-from fastflow.ops.logdet_estimators import draw_roulette_n
+from fastflow.ops.logdet_estimators import draw_roulette_n, roulette_tail_prob, sample_probes
+from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_trace
+from fastflow import _native
 
 __all__ = [
     "ESTIMATORS", "iResBlock", "residual_mlp", "residual_cnn", "ResidualFlow", "ResidualFlowImage",
@@ -105,6 +107,67 @@ def _autograd_on() -> Iterator[bool]:
     else:
         with torch.enable_grad():
             yield False
+
+
+def _activation_kind(m: nn.Module) -> str | None:
+    """The native operators' name of an activation module, or None when they do not have it."""
+    from fastflow.nn.lipschitz import LipSwish
+
+    if type(m) is LipSwish:
+        return "lipswish"
+    if type(m) is nn.ELU and m.alpha == 1.0:
+        return "elu"
+    if type(m) is nn.Tanh:
+        return "tanh"
+    if type(m) is nn.Softplus and m.beta == 1.0 and m.threshold == 20.0:
+        return "softplus"
+    return None
+
+
+def mlp_structure(g: nn.Module) -> tuple[str, bool, list[nn.Module], list[nn.Module]] | None:
+    """``(activation, preact, linears, activations)`` when ``g`` is an MLP the native operators
+    of :mod:`fastflow.ops.mlp_trace` take, else None.
+
+    That is an ``nn.Sequential`` ``[act ->] Linear -> act -> Linear ... -> Linear`` of
+    ``nn.Linear`` / :class:`~fastflow.nn.SpectralNormLinear` layers (all with a bias or all
+    without) and one kind of activation (LipSwish, ELU with ``alpha = 1``, Tanh, Softplus with
+    ``beta = 1``): what :func:`residual_mlp` builds.
+    """
+    from fastflow.nn.lipschitz import SpectralNormLinear
+
+    if type(g) is not nn.Sequential or len(g) == 0:
+        return None
+    mods = list(g)
+    preact = type(mods[0]) not in (nn.Linear, SpectralNormLinear)
+    lins, acts = (mods[1::2], mods[0::2]) if preact else (mods[0::2], mods[1::2])
+    if len(mods) != 2 * len(lins) - (0 if preact else 1):
+        return None
+    if any(type(m) not in (nn.Linear, SpectralNormLinear) for m in lins):
+        return None
+    kinds = {_activation_kind(a) for a in acts}
+    if None in kinds or len(kinds) > 1:
+        return None
+    if len({m.bias is None for m in lins}) > 1:
+        return None
+    return (kinds.pop() if kinds else "identity"), preact, lins, acts
+
+
+def _mlp_tensors(
+    structure: tuple[str, bool, list[nn.Module], list[nn.Module]], dtype: torch.dtype
+) -> tuple[list[Tensor], list[Tensor], Tensor | None] | None:
+    """The layers' tensors as the branch's forward would use them (spectral norms normalised,
+    with the power-iteration update in training mode), or None unless all have ``dtype``."""
+    from fastflow.nn.lipschitz import SpectralNormLinear
+
+    act, _, lins, acts = structure
+    biases = [m.bias for m in lins] if lins[0].bias is not None else []
+    if any(t.dtype != dtype for t in [m.weight for m in lins] + biases):
+        return None
+    weights = [m.normalized_weight() if isinstance(m, SpectralNormLinear) else m.weight for m in lins]
+    betas = None
+    if act == "lipswish":
+        betas = torch.cat([torch.nn.functional.softplus(a.beta_raw) for a in acts]).to(dtype)
+    return weights, biases, betas
 
 
 class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflows)
@@ -310,6 +373,70 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         )
         return ld, n_exact + n_random
 
+    def _native_structure(self, kind: str, x: Tensor, need: bool):
+        """The branch's MLP structure when this call runs on the native trace operator."""
+        if kind == "exact" or x.dim() != 2:
+            return None
+        if need and not (
+            (kind == "roulette" and self.neumann_grad)
+            or (kind == "series" and self.series_grad == "neumann")
+        ):
+            return None  # a gradient by backpropagation through the terms: the reference
+        structure = mlp_structure(self.g)
+        if structure is None or not _native.use_native("mlp_trace", x):
+            return None
+        return structure
+
+    def _coefficients(self, kind: str) -> tuple[list[float], list[float]]:
+        """The series' term weights and the Neumann gradient's (fastflow.ops.mlp_trace)."""
+        if kind == "series":
+            n = self.n_terms if self.training else self.eval_n_terms
+            return [(-1) ** (k + 1) / k for k in range(1, n + 1)], [(-1) ** j for j in range(n)]
+        n_exact = self.n_exact if self.training else self.eval_n_terms
+        n_total = n_exact + draw_roulette_n("geometric", self.geometric_p)
+        p = self.geometric_p
+
+        def tail(m: int) -> float:
+            return roulette_tail_prob(m, "geometric", p)
+
+        value = [(-1) ** (k + 1) / k / tail(k - n_exact) for k in range(1, n_total + 1)]
+        psi = [(-1) ** j / tail(j + 1 - n_exact) for j in range(n_total)]
+        return value, psi
+
+    def _native_solver(self, y: Tensor):
+        """The native fixed-point solve of an MLP-structured branch (fastflow.ops.mlp_trace),
+        or None: a branch of another kind, Anderson mixing, or no native kernel."""
+        if self.anderson or y.dim() != 2:
+            return None
+        structure = mlp_structure(self.g)
+        if structure is None or not _native.use_native("mlp_fixed_point", y):
+            return None
+        with torch.no_grad():
+            tensors = _mlp_tensors(structure, y.dtype)
+        if tensors is None:
+            return None
+        weights, biases, betas = tensors
+        act, preact = structure[0], structure[1]
+
+        def solve(y0: Tensor, tol: float, max_iter: int):
+            return mlp_fixed_point(y0, weights, biases, betas, act, preact, tol=tol, max_iter=max_iter)
+
+        return solve
+
+    def _transform_native(self, kind: str, x: Tensor, need: bool, structure) -> tuple[Tensor, Tensor] | None:
+        tensors = _mlp_tensors(structure, x.dtype)
+        if tensors is None:
+            return None
+        weights, biases, betas = tensors
+        value, psi = self._coefficients(kind)
+        probes = sample_probes(x, self.n_probes, self.probe)
+        gx, logdet = mlp_trace(
+            x, weights, biases, (), (), betas, structure[0], structure[1],
+            probes=probes, value_coeffs=value, psi_coeffs=psi,
+        )
+        self.last_estimator, self.last_terms = kind, len(value)
+        return x + gx, logdet
+
     # Eager under torch.compile: the estimators differentiate g's graph again (VJPs with
     # create_graph), which AOT-compiled graphs do not support (no double backward, donated
     # buffers); a compiled model runs its blocks eagerly and the rest compiled.
@@ -318,6 +445,11 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         kind = self.active_estimator(x[0].numel())
         params = self._params()
         need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
+        structure = self._native_structure(kind, x, need)
+        if structure is not None:
+            out = self._transform_native(kind, x, need, structure)
+            if out is not None:
+                return out
         with _autograd_on() as inference:
             if need and x.requires_grad:
                 xg = x
@@ -361,6 +493,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             result = fixed_point_inverse(
                 self.g, y, tol=tol, max_iter=max_iter, on_fail=self.on_fail,
                 anderson=self.anderson, check_every=self.check_every, params=self._params(),
+                solver=self._native_solver(y),
             )
             self.last_solve = result
             _, logdet = self._transform(result.x)

@@ -314,6 +314,7 @@ class _Settings:
     on_fail: str
     backward_tol: float
     backward_max_iter: int
+    solver: Callable[[Tensor, float, int], tuple[Tensor, Tensor, Tensor]] | None = None
     result: FixedPointResult | None = None
 
 
@@ -321,10 +322,14 @@ def _forward_solve(s: _Settings, y: Tensor) -> FixedPointResult:
     with torch.no_grad():
         y0 = y.detach()
         x0 = y0 if s.x_init is None else s.x_init.detach().to(dtype=y.dtype)
-        denom = 1 + y0.abs()
-        x, iterations, residual, converged = _solve(
-            s.g, y0, x0, denom, s.tol, s.max_iter, s.check_every, s.anderson, s.compact
-        )
+        if s.solver is not None:
+            x, iterations, residual = s.solver(y0, s.tol, s.max_iter)
+            converged = residual <= s.tol
+        else:
+            denom = 1 + y0.abs()
+            x, iterations, residual, converged = _solve(
+                s.g, y0, x0, denom, s.tol, s.max_iter, s.check_every, s.anderson, s.compact
+            )
     result = FixedPointResult(x, iterations, residual, converged, s.tol, s.max_iter)
     s.result = result
     _report("fixed_point_inverse", residual, converged, s.tol, s.max_iter, s.on_fail)
@@ -399,6 +404,7 @@ def fixed_point_inverse(
     x_init: Tensor | None = None,
     backward_tol: float | None = None,
     backward_max_iter: int | None = None,
+    solver: Callable[[Tensor, float, int], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> FixedPointResult:
     """Solves ``x + g(x) = y`` for every sample of the batch ``y`` by fixed-point iteration.
 
@@ -423,6 +429,11 @@ def fixed_point_inverse(
         x_init: starting point (default ``y``, so the first iterate is ``y - g(y)``).
         backward_tol, backward_max_iter: the backward solve's settings (default: ``tol``,
             ``max_iter``).
+        solver: a faster forward solve of the same iteration, ``solver(y, tol, max_iter) ->
+            (x, iterations, residual)`` with this function's stop test (e.g.
+            :func:`fastflow.ops.mlp_trace.mlp_fixed_point` for an MLP-structured ``g``, which
+            :class:`~fastflow.nn.iResBlock` passes); only with ``x_init=None`` and
+            ``anderson=0``. Failures are reported and gradients taken as without it.
 
     Returns:
         a :class:`FixedPointResult` (``x``, per-sample ``iterations``, ``residual``,
@@ -471,9 +482,14 @@ def fixed_point_inverse(
             if not isinstance(p, Tensor):
                 raise TypeError(f"params[{i}] must be a Tensor, got {type(p).__name__}")
 
+    if solver is not None:
+        if not callable(solver):
+            raise TypeError(f"solver must be callable, got {type(solver).__name__}")
+        if x_init is not None or anderson:
+            raise ValueError("solver runs the plain iteration from x = y: it takes neither x_init nor anderson")
     settings = _Settings(
         g, x_init, tol, max_iter, check_every, anderson, bool(compact), on_fail,
-        backward_tol, backward_max_iter,
+        backward_tol, backward_max_iter, solver,
     )
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
