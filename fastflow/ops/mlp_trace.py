@@ -195,6 +195,23 @@ def _check_probes(probes: Any, x: Tensor) -> Tensor:
     return probes
 
 
+def _check_trace_args(x, weights, biases, gates, shifts, betas, activation, preact, probes,
+                      value_coeffs, psi_coeffs) -> tuple:
+    """Every argument of :func:`mlp_trace` checked, the activation as its code."""
+    weights, biases, gates, shifts, betas, code, preact = _check_net(
+        x, "x", weights, biases, gates, shifts, betas, activation, preact
+    )
+    probes = _check_probes(probes, x)
+    value_coeffs = _check_coeffs(value_coeffs, "value_coeffs")
+    psi_coeffs = _check_coeffs(psi_coeffs, "psi_coeffs")
+    if len(psi_coeffs) > len(value_coeffs):
+        raise ValueError(
+            f"psi_coeffs may not have more entries than value_coeffs ({len(value_coeffs)}), "
+            f"got {len(psi_coeffs)}"
+        )
+    return weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs
+
+
 # --------------------------------------------------------------------------------------------
 # the reference (autograd)
 
@@ -258,17 +275,10 @@ def mlp_trace_reference(
 ) -> tuple[Tensor, Tensor]:
     """:func:`mlp_trace` by autograd: ``J t`` as the gradient w.r.t. ``w`` of ``<J^T w, t>``
     (two vector-Jacobian products), the surrogate's gradient by autograd through them."""
-    weights, biases, gates, shifts, betas, code, preact = _check_net(
-        x, "x", weights, biases, gates, shifts, betas, activation, preact
+    weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs = (
+        _check_trace_args(x, weights, biases, gates, shifts, betas, activation, preact, probes,
+                          value_coeffs, psi_coeffs)
     )
-    probes = _check_probes(probes, x)
-    value_coeffs = _check_coeffs(value_coeffs, "value_coeffs")
-    psi_coeffs = _check_coeffs(psi_coeffs, "psi_coeffs")
-    if len(psi_coeffs) > len(value_coeffs):
-        raise ValueError(
-            f"psi_coeffs may not have more entries than value_coeffs ({len(value_coeffs)}), "
-            f"got {len(psi_coeffs)}"
-        )
     grad = torch.is_grad_enabled()
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_()
@@ -346,17 +356,10 @@ def mlp_trace(
     if psi_coeffs is None:
         psi_coeffs = [1.0]
     if _native.use_native("mlp_trace", x) if isinstance(x, Tensor) else False:
-        weights, biases, gates, shifts, betas, code, preact = _check_net(
-            x, "x", weights, biases, gates, shifts, betas, activation, preact
+        weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs = (
+            _check_trace_args(x, weights, biases, gates, shifts, betas, activation, preact,
+                              probes, value_coeffs, psi_coeffs)
         )
-        probes = _check_probes(probes, x)
-        value_coeffs = _check_coeffs(value_coeffs, "value_coeffs")
-        psi_coeffs = _check_coeffs(psi_coeffs, "psi_coeffs")
-        if len(psi_coeffs) > len(value_coeffs):
-            raise ValueError(
-                f"psi_coeffs may not have more entries than value_coeffs ({len(value_coeffs)}), "
-                f"got {len(psi_coeffs)}"
-            )
         out, trace, _ = torch.ops.fastflow.mlp_trace(
             x, weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs
         )
