@@ -115,6 +115,72 @@ void act_fused_cpu(int64_t act, const T* z, int64_t n, T beta, const ActOutputs<
   });
 }
 
+
+// The reverse step through an activation for the primal and P tangents at once, given
+// hbar = dL/dh [N], thbar = dL/dh_dot [P, N], and the activation input z [N] with its tangents
+// tz [P, N] (N = B * H):
+//     cross = sum_p thbar_p tz_p
+//     zbar = phi'(z) hbar + phi''(z) cross,   tbar_p = phi'(z) thbar_p
+//     beta_grad = sum(dphi/dbeta hbar + dphi'/dbeta cross)     (LipSwish)
+// in one sweep, without materialising phi', phi'' or the beta partials (the backward's peak
+// memory is what the reverse pass holds at once).
+template <typename T>
+T act_backward_cpu(int64_t act, const T* z, const T* hbar, const T* thbar, const T* tz,
+                   int64_t N, int64_t P, T beta, T* zbar, T* tbar) {
+  using V = Vec<T>;
+  const V vb(beta), one(T(1)), two(T(2)), zero(T(0));
+  const V c(T(1) / T(kLipSwishDiv));
+  auto block = [&](int64_t i, int count, V& acc) {
+    const V zv = V::loadu(z + i, count);
+    V d, dd, dhb, ddb;
+    if (act == kActLipSwish) {
+      const V bz = zv * vb;
+      const V sg = one / (one + vecmath::exp(zero - bz));
+      const V q = sg * (one - sg);
+      const V qr = q * (two + bz * (one - two * sg)) * c;
+      d = sg * (one + bz * (one - sg)) * c;
+      dd = vb * qr;
+      ddb = zv * qr;
+      dhb = zv * zv * q * c;
+    } else if (act == kActElu) {
+      const V e = vecmath::exp(at::vec::minimum(zv, zero));
+      const V pos = zv > zero;
+      d = V::blendv(e, one, pos);
+      dd = V::blendv(e, zero, pos);
+    } else {  // tanh
+      const V h = vecmath::tanh(zv);
+      d = one - h * h;
+      dd = V(T(-2)) * h * d;
+    }
+    V cross = zero;
+    for (int64_t p = 0; p < P; ++p) {
+      const V th = V::loadu(thbar + p * N + i, count);
+      cross = cross + th * V::loadu(tz + p * N + i, count);
+      (th * d).store(tbar + p * N + i, count);
+    }
+    const V hb = V::loadu(hbar + i, count);
+    (hb * d + cross * dd).store(zbar + i, count);
+    if (act == kActLipSwish) {
+      // lanes past count are zero in every load, so they add nothing
+      acc = acc + hb * dhb + cross * ddb;
+    }
+  };
+  return at::parallel_reduce(
+      0, N, 4096, T(0),
+      [&](int64_t lo, int64_t hi, T init) {
+        V acc(T(0));
+        int64_t i = lo;
+        for (; i + V::size() <= hi; i += V::size()) {
+          block(i, V::size(), acc);
+        }
+        if (i < hi) {
+          block(i, static_cast<int>(hi - i), acc);
+        }
+        return init + vecmath::reduce_sum(acc);
+      },
+      std::plus<T>());
+}
+
 bool fusable(int64_t act, const at::Tensor& z) {
   return z.device().is_cpu() && z.is_contiguous() &&
          (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble) &&
@@ -262,6 +328,39 @@ ActGrad act_grad(const Net& n, int64_t l, const at::Tensor& z) {
 at::Tensor per_sample_mul(const at::Tensor& t, int64_t P, const at::Tensor& s) {
   const int64_t H = t.size(1);
   return (t.view({P, t.size(0) / P, H}) * s).view({t.size(0), H});
+}
+
+// The reverse step through activation l (see act_backward_cpu): returns (zbar, tbar) and, for
+// LipSwish, appends beta's gradient to gbeta. Fused on the CPU, ATen expressions elsewhere.
+std::pair<at::Tensor, at::Tensor> act_backward(const Net& n, int64_t l, const at::Tensor& z,
+                                               const at::Tensor& hbar, const at::Tensor& thbar,
+                                               const at::Tensor& tz, int64_t P,
+                                               std::vector<at::Tensor>& gbeta) {
+  const int64_t H = z.size(1), B = z.size(0);
+  if (fusable(n.act, z)) {
+    const at::Tensor hb = hbar.contiguous(), th = thbar.contiguous(), t = tz.contiguous();
+    at::Tensor zbar = at::empty_like(z), tbar = at::empty_like(th);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mlp_act_backward", [&] {
+      const at::Tensor beta = n.beta(l);
+      const scalar_t b = beta.defined() ? beta.item<scalar_t>() : scalar_t(0);
+      const scalar_t g = act_backward_cpu<scalar_t>(
+          n.act, z.data_ptr<scalar_t>(), hb.data_ptr<scalar_t>(), th.data_ptr<scalar_t>(),
+          t.data_ptr<scalar_t>(), B * H, P, b, zbar.data_ptr<scalar_t>(),
+          tbar.data_ptr<scalar_t>());
+      if (n.act == kActLipSwish) {
+        gbeta.push_back(at::scalar_tensor(g, z.options()));
+      }
+    });
+    return {zbar, tbar};
+  }
+  const ActGrad a = act_grad(n, l, z);
+  const at::Tensor cross = (thbar.view({P, B, H}) * tz.view({P, B, H})).sum(0);
+  at::Tensor zbar = hbar * a.d + cross * a.dd;
+  at::Tensor tbar = per_sample_mul(thbar, P, a.d);
+  if (n.act == kActLipSwish) {
+    gbeta.push_back((hbar * a.dh_dbeta + cross * a.dd_dbeta).sum());
+  }
+  return {zbar, tbar};
 }
 
 }  // namespace
@@ -440,20 +539,22 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
   const int64_t P = probes.size(0);
   const at::Tensor x = x_in.contiguous();
 
-  // primal and tangent (along psi) passes, keeping what the reverse pass reads
-  std::vector<at::Tensor> z_act(L), h_in(L), u_pre(L), tz_act(L), t_in(L), tu_pre(L);
+  // primal and tangent (along psi) passes, keeping only each layer's input before its
+  // activation and its tangents (and, with gates, the pre-gate outputs): the reverse pass
+  // recomputes the rest layer by layer and drops what it has used, so that it holds little at
+  // once.
+  std::vector<at::Tensor> z_act(L), u_pre(L), tz_act(L), tu_pre(L);
+  const at::Tensor psi = psi_in.contiguous().view({P * B, D});
   at::Tensor h = x;
-  at::Tensor t = psi_in.contiguous().view({P * B, D});
+  at::Tensor t = psi;
   for (int64_t l = 0; l < L; ++l) {
+    z_act[l] = h;  // the activation's input, or the layer's input where it has none
+    tz_act[l] = t;
     if (n.has_act(l)) {
-      z_act[l] = h;
-      tz_act[l] = t;
       auto hd = act_value_deriv(n, l, h);
       h = std::move(hd.first);
       t = per_sample_mul(t, P, hd.second);
     }
-    h_in[l] = h;
-    t_in[l] = t;
     h = n.linear(l, h);
     t = at::mm(t, weights[l].t());
     if (!gates.empty()) {
@@ -466,6 +567,8 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
       h = h + shifts[l];
     }
   }
+  h = at::Tensor();
+  t = at::Tensor();
 
   std::vector<at::Tensor> gW(L), gb(biases.empty() ? 0 : L), gg(gates.empty() ? 0 : L),
       gs(shifts.empty() ? 0 : L), gbeta;
@@ -473,7 +576,7 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
   at::Tensor tbar = (probes.contiguous() * (grad_trace.to(x.scalar_type()) / P).view({1, B, 1}))
                         .view({P * B, D});
   for (int64_t l = L - 1; l >= 0; --l) {
-    const int64_t out = weights[l].size(0), in = weights[l].size(1);
+    const int64_t out = weights[l].size(0);
     if (!shifts.empty()) {
       gs[l] = zbar.sum_to_size(shifts[l].sizes());
     }
@@ -483,25 +586,31 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
       gg[l] = (zbar * u_pre[l] + cross).sum_to_size(gates[l].sizes());
       ubar = zbar * gates[l];
       tubar = per_sample_mul(tbar, P, gates[l]);
+      u_pre[l] = tu_pre[l] = at::Tensor();
     }
+    zbar = tbar = at::Tensor();
     if (!biases.empty()) {
       gb[l] = ubar.sum(0);
     }
-    gW[l] = at::addmm(at::mm(ubar.t(), h_in[l]), tubar.t(), t_in[l]);
+    // the layer's input and its tangent, recomputed from the activation's input
+    at::Tensor h_in = z_act[l], t_in = tz_act[l];
+    if (n.has_act(l)) {
+      auto hd = act_value_deriv(n, l, z_act[l]);
+      h_in = std::move(hd.first);
+      t_in = per_sample_mul(tz_act[l], P, hd.second);
+    }
+    gW[l] = at::addmm(at::mm(ubar.t(), h_in), tubar.t(), t_in);
+    h_in = t_in = at::Tensor();
     at::Tensor hbar = at::mm(ubar, weights[l]);
     at::Tensor thbar = at::mm(tubar, weights[l]);
+    ubar = tubar = at::Tensor();
     if (n.has_act(l)) {
-      const ActGrad a = act_grad(n, l, z_act[l]);
-      const at::Tensor cross = (thbar.view({P, B, in}) * tz_act[l].view({P, B, in})).sum(0);
-      zbar = hbar * a.d + cross * a.dd;
-      tbar = per_sample_mul(thbar, P, a.d);
-      if (act == kActLipSwish) {
-        gbeta.push_back((hbar * a.dh_dbeta + cross * a.dd_dbeta).sum());
-      }
+      std::tie(zbar, tbar) = act_backward(n, l, z_act[l], hbar, thbar, tz_act[l], P, gbeta);
     } else {
-      zbar = hbar;
-      tbar = thbar;
+      zbar = std::move(hbar);
+      tbar = std::move(thbar);
     }
+    z_act[l] = tz_act[l] = at::Tensor();
   }
   at::Tensor grad_betas;
   if (gbeta.empty()) {
