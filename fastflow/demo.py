@@ -1,33 +1,31 @@
-"""``python -m fastflow.demo``: fit a Real NVP to a 2-D toy density, time it, draw it.
+"""``python -m fastflow demo`` (also ``python -m fastflow.demo``): a short end-to-end run.
 
-What it does:
+What it does, through the command line of :mod:`fastflow.cli`:
 
-1. draws a training and a test set from a built-in toy density (:func:`fastflow.data.toy_data`,
-   ``--data``, default ``moons``), and fits :class:`fastflow.models.RealNVP` by maximum
-   likelihood with Adam for ``--steps`` steps;
-2. prints the test negative log-likelihood in nats per sample, beside that of the best
-   Gaussian (mean and covariance of the training set), the baseline a flow must beat;
-3. times a few train steps of copies of the model under ``fastflow.backend("native")`` and
-   ``("reference")``, interleaved, and prints the speed ratio;
-4. writes a PNG into ``--out`` (default ``./out``): the model's density on a grid beside a
-   histogram of the data (and samples of the model where it can sample). matplotlib is an
-   optional extra (``pip install fastflow[plot]``); without it the picture is skipped.
+1. ``python -m fastflow train`` for each of ``--models`` (default: ``realnvp`` and ``maf``) on
+   one 2-D toy density (``--data``, default ``moons``) for ``--steps`` steps, each run in
+   ``OUT/MODEL`` with its checkpoint, training history and pictures (the density beside the
+   data, samples, the training curve; matplotlib is an optional extra, ``pip install
+   fastflow[plot]``, without it the pictures are skipped); each density picture is also copied
+   to ``OUT/MODEL_DATA.png``;
+2. a table of the held-out NLLs (nats per point) beside that of the best Gaussian (mean and
+   covariance of the training points), the baseline a flow must beat;
+3. the speed of a Real NVP training step on the native operators and on the pure-PyTorch
+   reference, timed in alternating blocks, and their ratio.
 
 Example::
 
-    python -m fastflow.demo --steps 2000 --data moons --out out
+    python -m fastflow demo --data moons --steps 1500 --out out/demo
 
-With the defaults (moons, 2000 steps of batch 512, 8 couplings of width 128, one thread)
-training takes about 45 s on a 2-core x86-64 CPU and reaches a test NLL of about 2.40 nats,
-against 3.29 nats for the best Gaussian.
+With the defaults the whole demo takes about a minute on a 2-core x86-64 CPU (one thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -36,37 +34,30 @@ import torch
 
 import fastflow
 
-__all__ = ["main"]
+__all__ = ["main", "run", "add_arguments"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fastflow.demo",
-        description="Fit a Real NVP to a 2-D toy density, report its NLL and speed, draw it.",
-    )
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
-    p.add_argument("--data", default="moons", help="toy density name (default moons)")
-    p.add_argument("--out", default="out", help="folder for the picture (default ./out)")
-    p.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
-    p.add_argument("--couplings", type=int, default=8, help="coupling layers (default 8)")
-    p.add_argument("--hidden", type=int, default=128, help="conditioner width (default 128)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's options, shared by ``python -m fastflow demo`` and ``python -m fastflow.demo``."""
+    from fastflow.data import TOY_DATASETS
+
+    p.add_argument("--data", default="moons", choices=TOY_DATASETS, help="toy density (default moons)")
+    p.add_argument("--models", nargs="+", default=["realnvp", "maf"],
+                   choices=("realnvp", "maf", "iaf", "planar", "sylvester", "iresnet", "resflow", "ffjord"),
+                   help="families to train (default: realnvp maf)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per model (default 1500)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: each model's, 512)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden width of every model (default: each model's, 64)")
+    p.add_argument("--couplings", type=int, default=None, help="Real NVP's coupling layers (default 8)")
+    p.add_argument("--out", default=os.path.join("out", "demo"), help="output folder (default out/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-steps", type=int, default=20, help="steps per backend timed (default 20; 0: skip)")
     p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "native", "reference"),
-        help="backend for training (default auto: native where built)",
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: 2-D models are too small to gain from more, and on a busy "
+        "machine two threads that wait on each other can make a step 5-10x slower)",
     )
-    p.add_argument("--timing-steps", type=int, default=20, help="steps per backend timed (default 20)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: the 2-D model is too small to gain from more, and on a "
-        "busy machine two threads that wait on each other can make a step 5-10x slower)",
-    )
-    return p
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _gaussian_nll(train: torch.Tensor, test: torch.Tensor) -> float:
@@ -77,51 +68,21 @@ def _gaussian_nll(train: torch.Tensor, test: torch.Tensor) -> float:
     return -dist.log_prob(test.double()).mean().item()
 
 
-@torch.no_grad()
-def _nll(model: torch.nn.Module, x: torch.Tensor, chunk: int = 8192) -> float:
-    model.eval()
-    total = sum(-model.log_prob(part).sum().item() for part in x.split(chunk))
-    model.train()
-    return total / x.shape[0]
-
-
-def _train(model, train: torch.Tensor, steps: int, batch: int, lr: float, seed: int, backend: str):
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    gen = torch.Generator().manual_seed(seed)
-    every = max(1, steps // 5)
-    running = None
-    with fastflow.backend(backend):
-        for step in range(1, steps + 1):
-            idx = torch.randint(0, train.shape[0], (batch,), generator=gen)
-            loss = -model.log_prob(train[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            if step % every == 0 or step == steps:
-                print(f"  step {step:5d}/{steps}  train NLL (running mean) {running:.3f}")
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
-
-
-def _time_backends(model, train: torch.Tensor, batch: int, lr: float, steps: int) -> dict[str, float] | None:
+def _time_backends(model, x: torch.Tensor, lr: float, steps: int) -> dict[str, float]:
     """Median seconds per train step under each backend, on copies of ``model``.
 
     The two backends alternate in blocks of a few steps (the machine's noise falls on both);
     each has its own copy of the model and its own optimiser.
     """
     backends = ["reference"]
-    if train.device.type in fastflow.native_available():
+    if x.device.type in fastflow.native_available():
         backends.insert(0, "native")
     else:
         why = fastflow.native_load_error() or "no native kernel for this device"
         print(f"timing: native backend unavailable ({why}); reference only")
-    x = train[:batch]
     setups = {}
     for name in backends:
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(model).train()
         setups[name] = (m, torch.optim.Adam(m.parameters(), lr=lr * 0.01))
     times: dict[str, list[float]] = {name: [] for name in backends}
 
@@ -147,108 +108,85 @@ def _time_backends(model, train: torch.Tensor, batch: int, lr: float, steps: int
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _picture(model, data: torch.Tensor, name: str, out_dir: str, nll: float) -> str | None:
-    try:
-        import matplotlib
+def run(args: argparse.Namespace) -> int:
+    """Runs the demo for parsed arguments (see :func:`add_arguments`); returns the exit status."""
+    from fastflow import cli
+    from fastflow.checkpoint import load_checkpoint
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("picture: matplotlib is not installed (pip install matplotlib); skipped")
-        return None
-    lo = data.min(0).values
-    hi = data.max(0).values
-    pad = 0.15 * (hi - lo)
-    lo, hi = (lo - pad).tolist(), (hi + pad).tolist()
-    n = 200
-    xs = torch.linspace(lo[0], hi[0], n)
-    ys = torch.linspace(lo[1], hi[1], n)
-    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
-    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
-    model.eval()
-    with torch.no_grad():
-        density = torch.cat([model.log_prob(part) for part in grid.split(8192)]).exp().reshape(n, n)
-        samples = None
-        try:
-            samples = model.sample(data.shape[0])
-        except Exception as exc:  # a picture without the samples panel is still useful
-            print(f"picture: model.sample failed ({type(exc).__name__}: {exc}); no samples panel")
-    model.train()
-    extent = (lo[0], hi[0], lo[1], hi[1])
-    panels = 3 if samples is not None else 2
-    aspect = (extent[3] - extent[2]) / (extent[1] - extent[0])
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.2 * aspect + 0.5))
-    axes[0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=100, range=[extent[:2], extent[2:]], cmap="viridis")
-    axes[0].set_title(f"data: {name} ({data.shape[0]} points)")
-    axes[1].imshow(density.numpy(), origin="lower", extent=extent, cmap="viridis", aspect="auto")
-    axes[1].set_title(f"Real NVP density (test NLL {nll:.3f} nats)")
-    if samples is not None:
-        s = samples.detach().cpu()
-        axes[2].hist2d(s[:, 0].numpy(), s[:, 1].numpy(), bins=100, range=[extent[:2], extent[2:]], cmap="viridis")
-        axes[2].set_title(f"model samples ({s.shape[0]})")
-    for ax in axes:
-        ax.set_xlim(extent[:2])
-        ax.set_ylim(extent[2:])
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"realnvp_{name}.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    if args.steps < 1:
+        print("python -m fastflow demo: --steps must be positive", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = []
+    for model in args.models:
+        out = os.path.join(args.out, model)
+        argv = ["train", "--model", model, "--data", args.data, "--steps", str(args.steps),
+                "--out", out, "--seed", str(args.seed), "--threads", str(args.threads)]
+        if args.no_progress:
+            argv += ["--progress", "off"]
+        if args.batch:
+            argv += ["--batch-size", str(args.batch)]
+        if args.hidden and model != "planar":
+            argv += ["--set", f"hidden={args.hidden}"]
+        if args.couplings and model == "realnvp":
+            argv += ["--set", f"n_couplings={args.couplings}"]
+        print(f"\n$ python -m fastflow {' '.join(argv)}", flush=True)
+        status = cli.main(argv)
+        if status != 0:
+            return status
+        state = load_checkpoint(os.path.join(out, cli.CHECKPOINT_NAME))
+        results.append((model, state))
+
+    data = cli.load_dataset(args.data, args.seed)
+    gauss = _gaussian_nll(data.train, data.heldout)
+    print(f"\ntest NLL: the mean over {data.heldout.shape[0]} held-out points of {args.data}, in nats "
+          "(lower is better)")
+    print(f"  {'best Gaussian':<14} {gauss:8.4f}")
+    for model, state in results:
+        evals = state["history"]["eval"]
+        nll = evals[-1]["value"] if evals else float("nan")
+        secs = state["history"].get("seconds", float("nan"))
+        print(f"  {model:<14} {nll:8.4f}   ({gauss - nll:.3f} below the Gaussian's; "
+              f"{state['step']} steps in {secs:.0f} s)")
+    print("pictures (data | model density; samples; training curve):")
+    for model, _ in results:
+        density = os.path.join(args.out, model, "density.png")
+        if os.path.exists(density):  # the headline picture, also at the top of the output folder
+            shutil.copyfile(density, os.path.join(args.out, f"{model}_{args.data}.png"))
+            print(f"  {os.path.abspath(os.path.join(args.out, f'{model}_{args.data}.png'))}")
+        for name in ("samples.png", "curve.png"):
+            path = os.path.join(args.out, model, name)
+            if os.path.exists(path):
+                print(f"  {os.path.abspath(path)}")
+
+    if args.timing_steps > 0:
+        state = next((s for m, s in results if m == "realnvp"), None)
+        config = state["config"] if state else {"model_kwargs": cli.recipe_for("realnvp", False).kwargs, "lr": 2e-3,
+                                                 "batch_size": args.batch or 512}
+        model = cli.build_model("realnvp", [2], config["model_kwargs"])
+        if state:
+            model.load_state_dict(state["model"])
+        x = data.train[: config["batch_size"]]
+        medians = _time_backends(model, x, config["lr"], args.timing_steps)
+        parts = [f"{name} {1e3 * t:.2f} ms/step" for name, t in medians.items()]
+        line = f"Real NVP train step (batch {x.shape[0]}): " + ", ".join(parts)
+        if "native" in medians:
+            line += f"; native is {medians['reference'] / medians['native']:.2f}x the reference's speed"
+        print("\n" + line)
+        print("  (in 2-D the coupling's elementwise work is a small part of a step, which the "
+              "conditioner MLPs dominate; python -m bench times the operators themselves)")
+    print(f"\ndemo done in {time.perf_counter() - start:.0f} s; next: python -m fastflow --help")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        from fastflow.data import toy_data
-        from fastflow.models import RealNVP
-    except ImportError as exc:
-        print(f"python -m fastflow.demo: {exc}", file=sys.stderr)
-        return 1
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    native = fastflow.native_available()
-    print(
-        f"fastflow {fastflow.__version__}, torch {torch.__version__}, "
-        f"native: {', '.join(native) or 'none (' + str(fastflow.native_load_error()) + ')'}; "
-        f"training backend: {args.backend}, {torch.get_num_threads()} thread(s)"
+    parser = argparse.ArgumentParser(
+        prog="python -m fastflow.demo",
+        description="Train two flow families on a 2-D density through the CLI, draw them, and "
+        "time the native operators against the reference.",
     )
-    train = toy_data(args.data, 20_000, seed=args.seed).float()
-    test = toy_data(args.data, 10_000, seed=args.seed + 1).float()
-    model = RealNVP(2, n_couplings=args.couplings, hidden=args.hidden)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"Real NVP: {args.couplings} couplings, hidden {args.hidden}, {n_params} parameters; "
-        f"data {args.data}: {train.shape[0]} train / {test.shape[0]} test points"
-    )
-    start = time.perf_counter()
-    _train(model, train, args.steps, args.batch, args.lr, args.seed, args.backend)
-    elapsed = time.perf_counter() - start
-    nll = _nll(model, test)
-    gauss = _gaussian_nll(train, test)
-    print(f"trained {args.steps} steps in {elapsed:.1f} s")
-    print(f"test NLL: {nll:.3f} nats (best Gaussian: {gauss:.3f} nats; {gauss - nll:+.3f} better)")
-
-    if args.timing_steps > 0:
-        medians = _time_backends(model, train, args.batch, args.lr, args.timing_steps)
-        parts = [f"{name} {1e3 * t:.2f} ms/step" for name, t in medians.items()]
-        line = "train step (batch %d): %s" % (args.batch, ", ".join(parts))
-        if "native" in medians:
-            line += f"; native is {medians['reference'] / medians['native']:.2f}x the reference's speed"
-        print(line)
-        print(
-            "  (in 2-D the coupling's elementwise work is a small part of a step, which the "
-            "conditioner MLPs dominate; python -m bench times the operator itself)"
-        )
-
-    path = _picture(model, test, args.data, args.out, nll)
-    if path is not None:
-        print(f"picture: {os.path.abspath(path)}")
-    return 0
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

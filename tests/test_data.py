@@ -232,3 +232,181 @@ def test_digits_without_sklearn_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         load_digits()
+
+
+# --------------------------------------------------------------------------------------------
+# tables from files, and the tabular benchmarks (small synthetic files of the same format)
+
+from fastflow.data import TABULAR_DATASETS, TABULAR_FEATURES, load_array, load_tabular  # noqa: E402
+
+
+def test_load_array_formats(tmp_path):
+    x = np.random.default_rng(0).normal(size=(7, 3))
+    np.save(tmp_path / "a.npy", x)
+    np.savetxt(tmp_path / "b.csv", x, delimiter=",", header="p,q,r", comments="")
+    np.savetxt(tmp_path / "c.txt", x)  # whitespace separated, no header
+    (tmp_path / "d.tsv").write_text("\n".join("\t".join(str(float(v)) for v in row) for row in x) + "\n\n")
+    for name in ("a.npy", "b.csv", "c.txt", "d.tsv"):
+        t = load_array(tmp_path / name)
+        assert t.dtype == torch.float32 and t.shape == (7, 3), name
+        torch.testing.assert_close(t, torch.from_numpy(x).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("empty.csv", "", "the file is empty"),
+        ("header.csv", "a,b\n", "header line and no data rows"),
+        ("ragged.csv", "1,2\n3,4,5\n", "line 2: 3 columns, the first row has 2"),
+        ("word.csv", "1,2\n3,x\n", "line 2: 'x' is not a number"),
+        ("nan.csv", "1,2\nnan,4\n", "row 1 holds a NaN or an infinity"),
+        ("junk.npy", b"\x93NUMPY garbage", "not a readable .npy array"),
+        ("data.json", "[1, 2]", "unknown file type '.json'"),
+    ],
+)
+def test_load_array_bad_files(tmp_path, name, content, match):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_array(path)
+
+
+def test_load_array_shape_and_dtype_errors(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros(5))
+    with pytest.raises(ValueError, match=r"expected a 2-D table \[rows, columns\], got shape \(5,\)"):
+        load_array(tmp_path / "v.npy")
+    np.save(tmp_path / "s.npy", np.array([["a", "b"]]))
+    with pytest.raises(ValueError, match="expected numbers"):
+        load_array(tmp_path / "s.npy")
+    np.save(tmp_path / "o.npy", np.array([[1, None]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a readable .npy array"):  # pickles are refused
+        load_array(tmp_path / "o.npy")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_array(tmp_path / "missing.npy")
+
+
+def test_hdf5_without_h5py_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    (tmp_path / "x.hdf5").write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install h5py"):
+        load_array(tmp_path / "x.hdf5")
+    with pytest.raises(ImportError, match="pip install h5py"):
+        load_tabular("bsds300", tmp_path / "x.hdf5")
+
+
+def test_hdf5_splits(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "BSDS300.hdf5", "w") as f:
+        for split, n in (("train", 30), ("validation", 5), ("test", 8)):
+            f[split] = np.random.default_rng(0).normal(size=(n, 63))
+    assert load_tabular("bsds300", tmp_path / "BSDS300.hdf5", "validation").shape == (5, 63)
+    assert load_tabular("bsds300", tmp_path, "test").shape == (8, 63)  # the archive's layout
+    with pytest.raises(ValueError, match="give the HDF5 data set to read"):
+        load_array(tmp_path / "BSDS300.hdf5")
+    assert load_array(tmp_path / "BSDS300.hdf5", key="train").shape == (30, 63)
+
+
+def test_tabular_names():
+    assert TABULAR_DATASETS == ("power", "gas", "hepmass", "miniboone", "bsds300")
+    assert TABULAR_FEATURES == {"power": 6, "gas": 8, "hepmass": 21, "miniboone": 43, "bsds300": 63}
+
+
+def _splits(name: str, path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(load_tabular(name, path, s) for s in ("train", "validation", "test"))
+
+
+def _check_normalised(train, val):
+    both = torch.cat([train, val]).double()
+    torch.testing.assert_close(both.mean(0), torch.zeros(both.shape[1], dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.std(0, unbiased=False), torch.ones(both.shape[1], dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_power_raw_file(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "power").mkdir()
+    raw = np.round(rng.uniform(0, 5, size=(500, 8)), 3)
+    np.save(tmp_path / "power" / "data.npy", raw)
+    train, val, test = _splits("power", tmp_path)
+    # the last 10% is the test part, the last 10% of the rest the validation part
+    assert (train.shape, val.shape, test.shape) == ((405, 6), (45, 6), (50, 6))
+    _check_normalised(train, val)
+    # deterministic (the shuffle and the noise have a fixed seed)
+    assert torch.equal(train, load_tabular("power", tmp_path / "power" / "data.npy"))
+    np.save(tmp_path / "bad.npy", raw[:, :7])
+    with pytest.raises(ValueError, match="power: .*bad.npy has 7 columns, expected 8"):
+        load_tabular("power", tmp_path / "bad.npy")
+
+
+def test_gas_drops_correlated_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    sensors = rng.normal(size=(300, 16))
+    sensors[:, 5] = 2 * sensors[:, 4] + 0.001 * rng.normal(size=300)  # correlated with column 4
+    table = np.hstack([np.arange(300)[:, None], rng.uniform(size=(300, 2)), sensors])
+    header = ",".join(["Time", "Meth", "Eth"] + [f"s{i}" for i in range(16)])
+    np.savetxt(tmp_path / "ethylene_CO.csv", table, delimiter=",", header=header, comments="")
+    train, val, test = _splits("gas", tmp_path)
+    assert train.shape[1] == val.shape[1] == test.shape[1] == 15  # one of the pair dropped
+    assert (train.shape[0], val.shape[0], test.shape[0]) == (243, 27, 30)
+    # the same table without a header: time and concentrations are its first three columns
+    np.save(tmp_path / "raw.npy", table)
+    assert torch.equal(load_tabular("gas", tmp_path / "raw.npy"), train)
+    np.save(tmp_path / "narrow.npy", sensors[:, :10])
+    with pytest.raises(ValueError, match="gas: .* has 10 columns, expected 16"):
+        load_tabular("gas", tmp_path / "narrow.npy")
+
+
+def test_hepmass_signal_rows_and_repeated_features(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def table(n):
+        x = rng.normal(size=(n, 29))
+        x[:, 0] = rng.integers(0, 2, n)  # the label
+        x[:, 3] = rng.integers(0, 3, n)  # a feature with many repeated values: dropped
+        return x
+
+    header = ",".join(["# label"] + [f"f{i}" for i in range(27)] + ["mass"])
+    train_table, test_table = table(400), table(100)
+    np.savetxt(tmp_path / "1000_train.csv", train_table, delimiter=",", header=header, comments="")
+    np.savetxt(tmp_path / "1000_test.csv", test_table, delimiter=",", header=header, comments="")
+    train, val, test = _splits("hepmass", tmp_path)
+    n_signal = int((train_table[:, 0] == 1).sum())
+    assert train.shape[1] == val.shape[1] == test.shape[1] == 26
+    assert train.shape[0] + val.shape[0] == n_signal and val.shape[0] == int(0.1 * n_signal)
+    assert test.shape[0] == int((test_table[:, 0] == 1).sum())
+    np.savetxt(tmp_path / "1000_test.csv", test_table[:, :20], delimiter=",")
+    with pytest.raises(ValueError, match="hepmass: .* has 20 columns, expected at least 28"):
+        load_tabular("hepmass", tmp_path, "test")
+
+
+def test_miniboone_and_preprocessed_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "data.npy", rng.normal(size=(300, 43)))
+    train, val, test = _splits("miniboone", tmp_path / "data.npy")
+    assert (train.shape[0], val.shape[0], test.shape[0]) == (243, 27, 30)
+    _check_normalised(train, val)
+    # a folder of preprocessed splits is read as stored (csv and npy mixed; "val" for validation)
+    folder = tmp_path / "pre"
+    folder.mkdir()
+    np.save(folder / "train.npy", rng.normal(size=(20, 6)))
+    np.savetxt(folder / "val.csv", rng.normal(size=(4, 6)), delimiter=",")
+    np.savetxt(folder / "test.txt", rng.normal(size=(5, 6)))
+    assert [t.shape[0] for t in _splits("power", folder)] == [20, 4, 5]
+    with pytest.raises(ValueError, match="miniboone: .*train.npy has 6 columns, expected 43"):
+        load_tabular("miniboone", folder)
+
+
+def test_load_tabular_arguments(tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        load_tabular("cifar", tmp_path)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_tabular("power", tmp_path, "dev")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tabular("power", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="none of data.npy"):
+        load_tabular("power", tmp_path)
+    np.save(tmp_path / "tiny.npy", np.zeros((5, 43)))
+    with pytest.raises(ValueError, match="too few rows"):
+        load_tabular("miniboone", tmp_path / "tiny.npy")
