@@ -61,6 +61,7 @@ class Transform(nn.Module):
     conditioning input as the keyword ``context`` (ignored by unconditional layers).
 
     Example:
+        >>> import math
         >>> class Scale2(Transform):
         ...     def forward(self, x, context=None):
         ...         return 2 * x, x.new_full((x.shape[0],), x[0].numel() * math.log(2))

@@ -102,6 +102,11 @@ MODULES = [
     "fastflow.images",
     "fastflow.models",
     "fastflow.distributions",
+    "fastflow.flow",
+    "fastflow.ops.fixed_point",
+    "fastflow.ops.mlp_trace",
+    "fastflow.nn.residual",
+    "fastflow.nn.lipschitz",
 ]
 
 
