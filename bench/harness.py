@@ -20,7 +20,17 @@ Timing, for each group:
 On CUDA every sample is bracketed by ``torch.cuda.synchronize()``, and the peak memory of a
 sample is ``torch.cuda.max_memory_allocated()`` (reset before the sample) less the memory
 allocated just before it, i.e. what the call itself needed on top of what already lived (the
-inputs and, for a train step, the model and optimiser state). On the CPU no peak is measured and
+inputs and, for a train step, the model and optimiser state).
+
+On other devices (the CPU) the peak is measured for the groups that ask for it
+(``Group.memory``, or ``run_group(..., memory=True)`` for every group): after the timed samples,
+each implementation makes ONE extra, untimed call under
+:func:`fastflow.memory.track_peak_allocations`, which reads the CPU allocator's events through the
+profiler: every allocation counts, the temporaries inside native operators included (baseline:
+what lived before the call, as on CUDA; fastflow/memory.py says what it counts, and why the
+lighter :func:`~fastflow.memory.track_peak_memory` would flatter the native operators, whose
+internal tensors it cannot see). Timing is never taken under the tracker. The
+record says which way the peak was measured (``peak_mem_method``); for other groups on the CPU
 ``peak_mem_mb`` is null.
 """
 
@@ -75,6 +85,9 @@ class Group:
         repeat: the number of timed samples per implementation (before ``--repeat`` overrides).
         warmup: untimed calls per implementation before timing (before ``--warmup``).
         params: facts about the workload recorded with every record (shape, activation, ...).
+        memory: off CUDA, also measure each implementation's peak memory, in one extra untimed
+            call under :func:`fastflow.memory.track_peak_allocations` (on CUDA it is always
+            measured).
     """
 
     case: str
@@ -83,6 +96,7 @@ class Group:
     repeat: int = 25
     warmup: int = 3
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    memory: bool = False
 
 
 @dataclasses.dataclass
@@ -106,6 +120,9 @@ class Record:
     speedup_vs_reference: float | None = None
     speedup_vs_compiled: float | None = None
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # how peak_mem_mb was measured: "cuda.max_memory_allocated" (every sample, the largest),
+    # "track_peak_allocations" (one untimed call), or None (not measured)
+    peak_mem_method: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -167,6 +184,18 @@ def _time_once(fn: Callable[[], Any], inner: int, device: torch.device) -> tuple
     return elapsed / inner, peak
 
 
+def _tracked_peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
+    """The peak MiB that one untimed call of ``fn`` allocates on ``device`` (what already lived
+    counts zero), by :func:`fastflow.memory.track_peak_allocations`."""
+    from fastflow.memory import track_peak_allocations
+
+    gc.collect()
+    with track_peak_allocations(device=device.type) as mem:
+        out = fn()
+        del out
+    return mem.peak_bytes / 2**20
+
+
 def _choose_inner(fn: Callable[[], Any], device: torch.device, min_sample_ms: float) -> int:
     """Calls per sample so that a sample lasts about ``min_sample_ms`` (one call if longer)."""
     if min_sample_ms <= 0:
@@ -198,6 +227,7 @@ def run_group(
     impls: Iterable[str] | None = None,
     log: Callable[[str], None] = print,
     notes: list[str] | None = None,
+    memory: bool | None = None,
 ) -> list[Record]:
     """Times one group round-robin and returns one record per implementation that ran.
 
@@ -210,6 +240,9 @@ def run_group(
         impls: only these implementation names (all when None).
         log: where progress and skip notes go.
         notes: when given, every skip ("skipped ...") and failure ("FAILED ...") is appended.
+        memory: off CUDA, measure the peak memory (one extra untimed call per implementation
+            under :func:`fastflow.memory.track_peak_allocations`, after the timed samples); None
+            follows ``group.memory``. On CUDA the peak is always taken from every sample.
     """
     repeat = group.repeat if repeat is None else repeat
     warmup = group.warmup if warmup is None else warmup
@@ -257,6 +290,11 @@ def run_group(
     finally:
         if gc_was_enabled:
             gc.enable()
+    method = "cuda.max_memory_allocated" if device.type == "cuda" else None
+    if device.type != "cuda" and (group.memory if memory is None else memory):
+        method = "track_peak_allocations"
+        for name in names:
+            peaks[name] = [_tracked_peak_mib(fns[name], device)]
     records = []
     for name in names:
         values = times[name]
@@ -278,6 +316,7 @@ def run_group(
                 warmup=max(1, warmup),
                 inner=inner[name],
                 params=dict(group.params),
+                peak_mem_method=method if peaks[name] else None,
             )
         )
     _add_ratios(records)

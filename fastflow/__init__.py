@@ -2,7 +2,8 @@
 
 The public API: the Transform contract and Flow, the base distributions, the layers
 (:mod:`fastflow.nn`), the model builders (:mod:`fastflow.models`), the functional operators
-(:mod:`fastflow.ops`), toy data (:mod:`fastflow.data`) and the backend switch.
+(:mod:`fastflow.ops`), data (:mod:`fastflow.data`), checkpoints (:mod:`fastflow.checkpoint`),
+pictures (:mod:`fastflow.plots`) and the backend switch; the command line is ``python -m fastflow``.
 """
 
 from fastflow._native import backend, get_backend, native_available, native_load_error
@@ -17,6 +18,8 @@ from fastflow.flow import (
 )
 from fastflow.distributions import DiagonalGaussian, StandardNormal
 from fastflow import data, images, models, nn
+from fastflow import checkpoint, plots  # plots imports matplotlib only when drawing
+from fastflow.memory import track_peak_memory
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,7 @@ __all__ = [
     "StandardNormal",
     "Transform",
     "backend",
+    "checkpoint",
     "data",
     "get_backend",
     "images",
@@ -38,4 +42,6 @@ __all__ = [
     "native_load_error",
     "nn",
     "ops",
+    "plots",
+    "track_peak_memory",
 ]
