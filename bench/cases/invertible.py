@@ -12,7 +12,7 @@ log-det), backward, Adam. Implementations:
   input kept, the step recomputed in backward).
 
 Memory: the peak is measured on CUDA by ``torch.cuda.max_memory_allocated`` and elsewhere by
-:func:`fastflow.memory.track_peak_memory` (one extra untimed step, bench/harness.py), on top of
+:func:`fastflow.memory.track_peak_allocations` (one extra untimed step, bench/harness.py), on top of
 what lives before the step. The gradients stay allocated between steps
 (``zero_grad(set_to_none=False)``) and Adam updates one parameter at a time
 (``foreach=False``), so that, like the model and the optimiser state, parameter-sized memory is

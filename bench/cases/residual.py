@@ -11,6 +11,10 @@ whose ``inverse`` is the density direction (``x + g(x)`` with the log-det estima
 exact terms) or ``series`` (5 terms), both with the Neumann gradient and the memory-efficient
 backward in both libraries (fastflow ``series_grad="neumann"``, normflows ``reduce_memory``)): ``zero_grad``, ``loss = -(log N(y) + logdet).mean()``, backward, Adam(1e-4).
 
+``fixed-point``: the solve alone, without the log-det at the solution that ``inverse``
+includes (fastflow's ``mlp_fixed_point``, normflows' ``_inverse_fixed_point``), iterations
+recorded the same way.
+
 ``inverse``: the fixed-point inverse of ``y = block(x)`` with tol 1e-5 (normflows: atol = rtol =
 1e-5 on the squared step, i.e. a step below about 3e-3, whole batch; fastflow: per-sample max
 step relative to ``1 + |y|``, so fastflow iterates to a tighter answer) and at most 1000
@@ -18,6 +22,11 @@ iterations, in eval mode, on a block whose normalised layers all sit at their bo
 weight ``c * eye``) (at initialisation ``g`` is nearly zero and one iteration
 converges, which measures nothing). The iterations each library took (calls of ``g``) are
 recorded in the group's params as ``iterations_<impl>``.
+
+Peak memory of the train steps: on CUDA every sample's, on the CPU one untimed step under
+:func:`fastflow.memory.track_peak_allocations` (the allocator's bytes above what existed before
+the step, the native operators' internal temporaries included: activations kept for backward,
+gradients, optimiser temporaries).
 """
 
 from __future__ import annotations
@@ -160,15 +169,63 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
 
         return factory
 
+    def solve(impl: str, d: int, b: int, params: dict) -> Callable[[], Callable[[], Any]]:
+        """The fixed-point solve alone (no log-det at the solution): fastflow's
+        ``mlp_fixed_point`` (native kernel or the reference loop), normflows'
+        ``_inverse_fixed_point``."""
+
+        def factory() -> Callable[[], Any]:
+            block, g, fwd, _ = build(impl, d, "roulette")
+            x = 3.0 * data(d, b)
+            backend = impl if impl in ("native", REFERENCE) else "auto"
+            with fastflow.backend(backend):
+                _saturate(g, x)
+                block.eval()
+                with torch.no_grad():
+                    y = fwd(x)[0]
+            if impl == "normflows":
+                calls = [0]
+                hook = g.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+                with torch.no_grad():
+                    block.iresblock._inverse_fixed_point(y)
+                hook.remove()
+                params[f"iterations_{impl}"] = calls[0]
+
+                def call() -> Any:
+                    with torch.no_grad():
+                        return block.iresblock._inverse_fixed_point(y)
+
+                return call
+            from fastflow.nn.residual import _mlp_tensors, mlp_structure
+            from fastflow.ops.mlp_trace import mlp_fixed_point
+
+            structure = mlp_structure(g)
+            with torch.no_grad():
+                weights, biases, betas = _mlp_tensors(structure, y.dtype)
+
+            def call() -> Any:
+                with torch.no_grad(), fastflow.backend(backend):
+                    return mlp_fixed_point(y, weights, biases, betas, structure[0], structure[1],
+                                           tol=TOL, max_iter=MAX_ITER)
+
+            params[f"iterations_{impl}"] = int(call()[1].max())
+            return call
+
+        return factory
+
     out: list[Group] = []
     for d, b, estimator in configs:
         name = f"residual/{estimator}/d{d}-b{b}"
         impls = {impl: train(impl, d, b, estimator) for impl in _BUILDERS}
-        out.append(Group(name, "train-step", impls, repeat=10, warmup=2,
+        out.append(Group(name, "train-step", impls, repeat=10, warmup=2, memory=True,
                          params={"d": d, "batch": b, "estimator": estimator, "coeff": COEFF}))
     for d, b in inverse_configs:
         params: dict[str, Any] = {"d": d, "batch": b, "coeff": COEFF, "tol": TOL}
         impls = {impl: inverse(impl, d, b, params) for impl in _BUILDERS}
         out.append(Group(f"residual/inverse/d{d}-b{b}", "inverse", impls, repeat=5, warmup=1,
                          params=params))
+        solve_params: dict[str, Any] = {"d": d, "batch": b, "coeff": COEFF, "tol": TOL}
+        impls = {impl: solve(impl, d, b, solve_params) for impl in _BUILDERS}
+        out.append(Group(f"residual/solve/d{d}-b{b}", "fixed-point", impls, repeat=5, warmup=1,
+                         params=solve_params))
     return out
