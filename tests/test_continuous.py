@@ -1,6 +1,7 @@
-"""Tests of the continuous normalizing flows: the dynamics nets, the divergence functions, the
-CNF layer (log-det against the brute-force Jacobian of the flow map, round trip, Hutchinson
-unbiasedness, adjoint against direct gradients) and the FFJORD model (density integrates to 1)."""
+"""Tests of the continuous normalizing flows: the dynamics nets (vector and convolutional), the
+divergence functions, the CNF layer on vectors and on images (log-det against the brute-force
+Jacobian of the flow map, round trip, Hutchinson unbiasedness, adjoint against direct gradients)
+and the FFJORD model (density integrates to 1)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import fastflow  # noqa: E402
 from fastflow.nn.continuous import (  # noqa: E402
     CNF,
     FFJORD,
+    ConcatConv2d,
     ConcatLinear,
+    ConcatSquashConv2d,
     ConcatSquashLinear,
+    ODEConvNet,
     ODEnet,
     divergence_exact,
     divergence_hutchinson,
@@ -342,3 +346,260 @@ def test_linear_dynamics_closed_form(estimator):
     torch.testing.assert_close(z, x + 0.8 * c)
     torch.testing.assert_close(cnf.last_kinetic, torch.full((4,), 0.8 * c.pow(2).sum().item(), dtype=F64))
     torch.testing.assert_close(logdet, torch.zeros(4, dtype=F64))
+
+
+# -- convolutional dynamics (images) ------------------------------------------------------------
+
+
+def _tiny_image_cnf(shape=(1, 3, 3), **kwargs) -> CNF:
+    torch.manual_seed(1)
+    kwargs.setdefault("hidden", (4, 4))
+    cnf = CNF(shape, **kwargs).double()
+    with torch.no_grad():
+        for p in cnf.net.parameters():
+            p.mul_(2.0)  # a flow map far enough from the identity to test something
+    return cnf
+
+
+def test_concatsquash_conv_formula():
+    torch.manual_seed(0)
+    layer = ConcatSquashConv2d(2, 3).double()
+    h, t = torch.randn(4, 2, 5, 6, dtype=F64), torch.tensor(0.7, dtype=F64)
+    gate = torch.sigmoid(0.7 * layer.hyper_gate.weight[:, 0] + layer.hyper_gate.bias)
+    conv = torch.nn.functional.conv2d(h, layer.conv.weight, layer.conv.bias, padding=1)
+    expected = conv * gate.view(1, 3, 1, 1) + 0.7 * layer.hyper_bias.weight[:, 0].view(1, 3, 1, 1)
+    torch.testing.assert_close(layer(t, h), expected)
+    assert layer.hyper_bias.bias is None
+    # concat: the time is one more input channel, constant over the pixels
+    cat = ConcatConv2d(2, 3, kernel_size=5).double()
+    t_channel = torch.full((4, 1, 5, 6), 0.7, dtype=F64)
+    expected = torch.nn.functional.conv2d(torch.cat([t_channel, h], 1), cat.conv.weight, cat.conv.bias, padding=2)
+    torch.testing.assert_close(cat(0.7, h), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_odeconvnet_shapes_and_time(dtype):
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 5, 4, dtype=dtype)
+    for layer in ("concatsquash", "concat"):
+        for act in ("tanh", "softplus"):
+            net = ODEConvNet(3, hidden=(6, 5), activation=act, layer=layer).to(dtype)
+            assert len(net.layers) == 3 and net.layers[1].in_channels == 6
+            out = net(torch.tensor(0.1), z)
+            assert out.shape == z.shape and out.dtype == dtype
+            assert not torch.allclose(net(0.0, z), net(1.0, z))  # time enters the output
+            act_fn = torch.tanh if act == "tanh" else torch.nn.functional.softplus
+            h = act_fn(net.layers[1](0.1, act_fn(net.layers[0](0.1, z))))
+            torch.testing.assert_close(out, net.layers[2](0.1, h))  # activation on all but the last
+    net = ODEConvNet(3, hidden=4, kernel_size=5)
+    assert [tuple(m.conv.weight.shape) for m in net.layers] == [(4, 3, 5, 5), (3, 4, 5, 5)]
+    assert ODEConvNet(3, hidden=4).layers[0].conv.weight.shape[-2:] == (3, 3)
+    assert ConcatSquashConv2d(3, 4, kernel_size=1).to(dtype)(0.0, z).shape == (2, 4, 5, 4)
+    assert ConcatConv2d(3, 4, kernel_size=3, padding=0).to(dtype)(0.0, z).shape == (2, 4, 3, 2)
+
+
+def _brute_force_trace(net, t, z):
+    traces = []
+    for zi in z:
+        J = torch.autograd.functional.jacobian(lambda v: net(t, v[None])[0], zi)
+        traces.append(J.reshape(zi.numel(), zi.numel()).trace())
+    return torch.stack(traces)
+
+
+@pytest.mark.parametrize("layer", ["concatsquash", "concat"])
+def test_conv_divergence_exact_matches_jacobian_trace(layer):
+    torch.manual_seed(0)
+    net = ODEConvNet(2, hidden=(5,), activation="softplus", layer=layer).double()
+    z = torch.randn(3, 2, 3, 4, dtype=F64, requires_grad=True)
+    div = divergence_exact(net(0.3, z), z)
+    assert div.shape == (3,)
+    torch.testing.assert_close(div, _brute_force_trace(net, 0.3, z.detach()))
+    div.sum().backward()  # create_graph: differentiable w.r.t. the conv weights
+    assert net.layers[0].conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_conv_divergence_hutchinson_is_unbiased(probe):
+    torch.manual_seed(0)
+    net = ODEConvNet(1, hidden=(6,)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2.0)
+    z0 = torch.randn(1, 1, 3, 3, dtype=F64)
+    n = 4000
+    z = z0.expand(n, 1, 3, 3).clone().requires_grad_(True)
+    shape = (n, 1, 3, 3)
+    eps = torch.randn(shape, dtype=F64) if probe == "gaussian" else torch.randint(0, 2, shape).to(F64) * 2 - 1
+    f = net(0.3, z)
+    est = divergence_hutchinson(f, z, eps)
+    exact = divergence_exact(f, z)[0]
+    torch.testing.assert_close(exact, _brute_force_trace(net, 0.3, z0)[0])
+    se = est.std() / n**0.5
+    assert se > 0 and abs(est.mean() - exact) < 4 * se
+    with pytest.raises(ValueError, match="eps"):
+        divergence_hutchinson(f, z, eps.reshape(n, 9))
+
+
+def test_image_cnf_logdet_matches_bruteforce_jacobian():
+    cnf = _tiny_image_cnf((1, 2, 3), T=1.0, estimator="exact", atol=1e-8, rtol=1e-8, adjoint=False)
+    assert isinstance(cnf.net, ODEConvNet)
+    x = torch.randn(2, 1, 2, 3, dtype=F64)
+    z, logdet = cnf(x)
+    assert z.shape == x.shape and logdet.shape == (2,)
+    assert (z - x).abs().max() > 0.1 and logdet.abs().min() > 0.05  # far from the identity
+    for i in range(2):
+        J = torch.autograd.functional.jacobian(lambda v: cnf(v[None])[0][0], x[i]).reshape(6, 6)
+        torch.testing.assert_close(logdet[i], torch.linalg.slogdet(J)[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_image_cnf_round_trip(estimator):
+    cnf = _tiny_image_cnf((2, 3, 3), estimator=estimator, atol=1e-8, rtol=1e-8)
+    x = torch.randn(4, 2, 3, 3, dtype=F64)
+    with torch.no_grad():
+        z, logdet = cnf(x)
+        x2, logdet_inv = cnf.inverse(z)
+    assert z.shape == x.shape and (z - x).abs().max() > 0.1
+    torch.testing.assert_close(x2, x, atol=1e-6, rtol=0)
+    if estimator == "exact":  # Hutchinson draws fresh probes per solve
+        torch.testing.assert_close(logdet_inv, -logdet, atol=1e-6, rtol=0)
+    assert cnf.last_estimator == estimator and cnf.last_nfe > 0
+
+
+def test_image_cnf_hutchinson_averages_to_exact():
+    cnf = _tiny_image_cnf((1, 2, 2), estimator="hutchinson", atol=1e-6, rtol=1e-6)
+    x0 = torch.randn(1, 1, 2, 2, dtype=F64)
+    n = 2000  # one solve: every sample has its own probe
+    with torch.no_grad():
+        _, est = cnf(x0.expand(n, 1, 2, 2))
+        cnf.estimator = "exact"
+        _, exact = cnf(x0)
+    se = est.std() / n**0.5
+    assert se > 0 and abs(est.mean() - exact[0]) < 4 * se
+
+
+def test_image_cnf_gradients_float32_and_adjoint():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 4, 4)
+    grads = []
+    for adjoint in (True, False):
+        torch.manual_seed(1)
+        cnf = CNF((1, 4, 4), hidden=(4,), adjoint=adjoint, atol=1e-6, rtol=1e-6)
+        torch.manual_seed(5)  # the same probes in both runs
+        z, logdet = cnf(x)
+        assert z.dtype == torch.float32 and logdet.dtype == torch.float32
+        (0.5 * z.pow(2).sum() - logdet.sum()).backward()
+        assert cnf.last_nfe_backward > 0 if adjoint else cnf.last_nfe_backward == 0
+        grads.append([p.grad for p in cnf.parameters()])
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_image_cnf_eval_estimator_follows_image_size():
+    cnf = CNF((1, 4, 4), hidden=(4,)).eval()
+    assert cnf.features == 16 and cnf.active_estimator() == "hutchinson"
+    assert CNF((1, 4, 4), hidden=(4,), exact_max_dim=16).eval().active_estimator() == "exact"
+    assert CNF((1, 2, 2), hidden=(4,), exact_max_dim=4).eval().active_estimator() == "exact"
+
+
+def test_image_ffjord_state_dict_round_trip_and_sample():
+    torch.manual_seed(0)
+    flow = FFJORD((1, 3, 3), n_blocks=2, hidden=(4,), T=0.3)
+    keys = set(flow.state_dict())
+    x = torch.randn(3, 1, 3, 3)
+    flow.log_prob(x).sum().backward()
+    assert set(flow.state_dict()) == keys
+    buf = io.BytesIO()
+    torch.save(flow.state_dict(), buf)
+    buf.seek(0)
+    other = FFJORD((1, 3, 3), n_blocks=2, hidden=(4,))
+    other.load_state_dict(torch.load(buf))
+    flow.eval(), other.eval()
+    for f in (flow, other):
+        for b in f.blocks:
+            b.eval_estimator = "exact"
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x), other.log_prob(x))
+        assert other.sample(2).shape == (2, 1, 3, 3)
+    assert torch.isclose(other.transform[0].end_time, torch.tensor(0.3))
+    assert flow.event_shape == (1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: ConcatSquashConv2d(0, 4), "in_channels"),
+        (lambda: ConcatConv2d(3, 0), "out_channels"),
+        (lambda: ConcatSquashConv2d(3, 4, kernel_size=0), "kernel_size"),
+        (lambda: ConcatSquashConv2d(3, 4, kernel_size=2), "kernel_size"),
+        (lambda: ConcatConv2d(3, 4, padding=-1), "padding"),
+        (lambda: ODEConvNet(0), "channels"),
+        (lambda: ODEConvNet(1, hidden=(4, 0)), "hidden"),
+        (lambda: ODEConvNet(1, activation="relu"), "activation"),
+        (lambda: ODEConvNet(1, layer="linear"), "layer"),
+        (lambda: ODEConvNet(1, kernel_size=4), "kernel_size"),
+        (lambda: CNF((1, 0, 4)), "features"),
+        (lambda: CNF((4, 4)), "features"),
+        (lambda: CNF("1x4x4"), "features"),
+        (lambda: FFJORD((1, -4, 4)), "features"),
+    ],
+)
+def test_conv_bad_arguments_name_themselves(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_conv_bad_inputs_name_the_argument():
+    layer = ConcatSquashConv2d(3, 4)
+    with pytest.raises(ValueError, match=r"h must be a tensor \[B, 3, H, W\]"):
+        layer(0.1, torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="h must be"):
+        ConcatConv2d(3, 4)(0.1, torch.randn(3, 5, 5))
+    with pytest.raises(ValueError, match="t must be a scalar"):
+        layer(torch.zeros(2), torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="z must be"):
+        ODEConvNet(1, hidden=(4,))(0.0, torch.randn(2, 4, 4))
+    cnf = CNF((1, 4, 4), hidden=(4,))
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, 1, 4, 4\]"):
+        cnf(torch.randn(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="z must have shape"):
+        cnf.inverse(torch.randn(2, 16))
+    x = torch.randn(2, 1, 4, 4)
+    x[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        cnf(x)
+    assert cnf.last_nfe is None
+
+
+# -- the benchmark case (python -m bench --filter ffjord) ---------------------------------------
+
+
+def test_bench_case_runs_and_records_nfe(capsys):
+    # tiny workload: checks the machinery and the NFE bookkeeping, says nothing about speed
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import harness
+    from bench.cases import ffjord as case
+
+    cpu = torch.device("cpu")
+    (group,) = case.groups(cpu, torch.float32, quick=True)
+    assert group.case.startswith("ffjord/") and set(group.impls) == {"native", "reference", "zuko"}
+    notes: list[str] = []
+    records = harness.run_group(group, cpu, torch.float32, repeat=1, warmup=1, min_sample_ms=0,
+                                impls=["reference", "zuko"], log=lambda _: None, notes=notes)
+    assert not [n for n in notes if n.startswith("FAILED")], notes
+    assert "reference" in {r.impl for r in records}
+    for r in records:
+        assert r.params[f"nfe_forward_{r.impl}"] > 0 and r.params[f"nfe_backward_{r.impl}"] > 0
+    rows = case.nfe_table(cpu, torch.float32, quick=True, steps=2, impls=("reference",))
+    assert len(rows[0]["nfe_forward"]) == len(rows[0]["nfe_backward"]) == 2
+    assert all(n > 0 for n in rows[0]["nfe_forward"] + rows[0]["nfe_backward"])
+    assert case.main(["--nfe", "--quick", "--steps", "1", "--impl", "reference"]) == 0
+    assert "| reference |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        case.main(["--nfe", "--impl", "nflows"])

@@ -50,10 +50,65 @@ def test_glow_digits_rejects_bad_arguments(capsys):
 def test_toy_2d_trains_integrates_and_draws(tmp_path, model):
     pytest.importorskip("matplotlib")
     toy_2d = _load("toy_2d")
-    assert toy_2d.main(["--model", model, "--data", "moons", "--seconds", "1", "--out", str(tmp_path)]) == 0
+    # a fixed number of steps (the time limit only guards against a hang), so that the result
+    # does not depend on how busy the machine is
+    argv = ["--model", model, "--data", "moons", "--seconds", "60", "--steps", "150", "--out", str(tmp_path)]
+    assert toy_2d.main(argv) == 0
     result = json.loads((tmp_path / f"{model}_moons.json").read_text())
+    assert result["steps"] == 150
     assert result["test_nll"] < result["test_nll_start"]
-    # after one second the density may still have some mass outside the [-6, 6]^2 grid; that it
+    # after 150 steps the density may still have some mass outside the [-6, 6]^2 grid; that it
     # integrates to one is tested per layer (test_det_identity, test_autoregressive)
     assert 0.9 < result["grid_mass"] < 1.02
     assert (tmp_path / f"{model}_moons.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_toy_2d_ffjord_trains_integrates_and_draws(tmp_path):
+    # a CNF: Hutchinson's estimate in training, the exact 2-D trace on the (coarse) grid
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("torchdiffeq")
+    toy_2d = _load("toy_2d")
+    assert "ffjord" in toy_2d.MODELS
+    argv = ["--model", "ffjord", "--data", "8gaussians", "--seconds", "60", "--steps", "4",
+            "--grid-points", "60", "--out", str(tmp_path)]
+    assert toy_2d.main(argv) == 0
+    result = json.loads((tmp_path / "ffjord_8gaussians.json").read_text())
+    assert result["steps"] == 4 and result["lr"] == toy_2d.DEFAULT_LR["ffjord"]
+    assert result["test_nll"] < result["test_nll_start"]
+    assert 0.9 < result["grid_mass"] < 1.02
+    assert result["train_nfe_last_step"] > 0 and result["eval_nfe_last_call"] > 0
+    assert (tmp_path / "ffjord_8gaussians.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_toy_2d_samples_and_picture(tmp_path):
+    pytest.importorskip("matplotlib")
+    toy_2d = _load("toy_2d")
+    import torch
+
+    model = toy_2d.build("maf")
+    torch.manual_seed(5)
+    samples = toy_2d.draw_samples(model, n=50)
+    after = torch.rand(3)
+    assert samples.shape == (50, 2) and torch.isfinite(samples).all()
+    torch.manual_seed(6)
+    assert torch.equal(samples, toy_2d.draw_samples(model, n=50))  # its own seed, same every call
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # the global random state is left alone
+    assert model.training  # back in training mode
+    p = torch.rand(20, 20)
+    for s in (samples, None):  # None: a model without an inverse, a note instead of a scatter
+        path = tmp_path / f"pic_{s is None}.png"
+        toy_2d.picture(samples, p, s, "title", str(path))
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_toy_2d_rejects_bad_arguments(capsys):
+    toy_2d = _load("toy_2d")
+    for argv, message in ((["--lr", "0"], "--lr must be positive"),
+                          (["--grid-points", "1"], "--grid-points must be"),
+                          (["--threads", "0"], "--threads must be"),
+                          (["--steps", "0"], "--steps must be"),
+                          (["--seconds", "0"], "--seconds must be positive")):
+        with pytest.raises(SystemExit):
+            toy_2d.parse_args(argv)
+        assert message in capsys.readouterr().err

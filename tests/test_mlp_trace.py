@@ -283,3 +283,55 @@ def test_nan_in_one_sample_stays_there():
                                 "lipswish", True, probes=probes, value_coeffs=[1.0, -0.5])
         assert torch.isnan(tr[1]) and torch.isnan(out[1]).all()
         assert torch.isfinite(tr[[0, 2, 3]]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# FFJORD: the CNF's native dynamics (one mlp_trace call per evaluation)
+
+
+@requires_native
+@pytest.mark.parametrize("adjoint", [True, False])
+@pytest.mark.parametrize("activation", ["tanh", "softplus"])
+def test_cnf_native_dynamics_match_the_reference(adjoint, activation):
+    from fastflow.nn.continuous import CNF
+
+    torch.manual_seed(0)
+    cnf = CNF(2, hidden=(8, 8), activation=activation, adjoint=adjoint, atol=1e-8, rtol=1e-8).double()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    got = {}
+    for backend in ("native", "reference"):
+        cnf.zero_grad()
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(3)  # the same probes
+        with fastflow.backend(backend):
+            z, logdet = cnf(xg)
+            (z.square().sum() + logdet.sum()).backward()
+        got[backend] = (z.detach(), logdet.detach(), cnf.last_nfe, xg.grad,
+                        [p.grad.clone() for p in cnf.parameters()])
+    (zn, ln, nn_, gxn, gpn), (zr, lr, nr, gxr, gpr) = got["native"], got["reference"]
+    torch.testing.assert_close(zn, zr, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ln, lr, rtol=1e-9, atol=1e-10)
+    assert nn_ == nr
+    torch.testing.assert_close(gxn, gxr, rtol=1e-6, atol=1e-8)
+    for a, b in zip(gpn, gpr):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@requires_native
+def test_cnf_native_dynamics_only_where_they_apply(monkeypatch):
+    """Exact trace, regularisers and concat layers keep the autograd dynamics."""
+    from fastflow.nn import continuous
+
+    calls = []
+    real = continuous.mlp_trace
+    monkeypatch.setattr(continuous, "mlp_trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(8, 2, dtype=torch.float64)
+    for kwargs, native in [
+        (dict(), True), (dict(estimator="exact"), False), (dict(kinetic=True), False),
+        (dict(layer="concat"), False),
+    ]:
+        calls.clear()
+        torch.manual_seed(0)
+        cnf = continuous.CNF(2, hidden=(4,), **kwargs).double()
+        cnf(x)
+        assert bool(calls) == native, kwargs

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from bench.cases import affine_coupling, glow_step, invconv, maf, realnvp, residual, spectral_norm
+from bench.cases import (
+    affine_coupling,
+    ffjord,
+    glow_step,
+    invconv,
+    invertible,
+    maf,
+    realnvp,
+    residual,
+    spectral_norm,
+)
 from bench.harness import Group
 
 __all__ = ["FAMILIES", "all_groups"]
 
-FAMILIES = (affine_coupling, invconv, glow_step, realnvp, maf, spectral_norm, residual)
+FAMILIES = (affine_coupling, invconv, glow_step, realnvp, maf, spectral_norm, residual, invertible, ffjord)
 
 
 def all_groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Group]:

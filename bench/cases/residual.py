@@ -142,16 +142,23 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
 
         return factory
 
+    def saturated(impl: str, d: int, b: int):
+        """A block in eval mode with every normalised layer at its bound, an input ``x`` and
+        ``y = block(x)``."""
+        block, g, fwd, inv = build(impl, d, "roulette")
+        x = 3.0 * data(d, b)
+        backend = impl if impl in ("native", REFERENCE) else "auto"
+        with fastflow.backend(backend):
+            _saturate(g, x)
+            block.eval()
+            with torch.no_grad():
+                y = fwd(x)[0]
+        return block, g, inv, x, y, backend
+
     def inverse(impl: str, d: int, b: int, params: dict) -> Callable[[], Callable[[], Any]]:
         def factory() -> Callable[[], Any]:
-            block, g, fwd, inv = build(impl, d, "roulette")
-            x = 3.0 * data(d, b)
-            backend = impl if impl in ("native", REFERENCE) else "auto"
+            block, g, inv, x, y, backend = saturated(impl, d, b)
             with fastflow.backend(backend):
-                _saturate(g, x)
-                block.eval()
-                with torch.no_grad():
-                    y = fwd(x)[0]
                 calls = [0]
                 hook = g.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
                 with torch.no_grad():
@@ -175,14 +182,7 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
         ``_inverse_fixed_point``."""
 
         def factory() -> Callable[[], Any]:
-            block, g, fwd, _ = build(impl, d, "roulette")
-            x = 3.0 * data(d, b)
-            backend = impl if impl in ("native", REFERENCE) else "auto"
-            with fastflow.backend(backend):
-                _saturate(g, x)
-                block.eval()
-                with torch.no_grad():
-                    y = fwd(x)[0]
+            block, g, _, _, y, backend = saturated(impl, d, b)
             if impl == "normflows":
                 calls = [0]
                 hook = g.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))

@@ -20,12 +20,16 @@ from fastflow.nn.autoregressive import (
 from fastflow.nn.residual import iResBlock, residual_cnn, residual_mlp
 from fastflow.nn.continuous import (
     CNF,
+    ConcatConv2d,
     ConcatLinear,
+    ConcatSquashConv2d,
     ConcatSquashLinear,
+    ODEConvNet,
     ODEnet,
     divergence_exact,
     divergence_hutchinson,
 )
+from fastflow.nn.invertible import InvertibleBackprop
 from fastflow.nn.lipschitz import LipSwish, SpectralNormConv2d, SpectralNormLinear, update_spectral_norms
 
 __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
@@ -37,4 +41,5 @@ __all__ = ["MASKS", "AffineCoupling", "AdditiveCoupling", "MLP", "ConvNet",
            "iResBlock", "residual_mlp", "residual_cnn",
            "SpectralNormLinear", "SpectralNormConv2d", "LipSwish", "update_spectral_norms",
            "CNF", "ConcatLinear", "ConcatSquashLinear", "ODEnet", "divergence_exact",
-           "divergence_hutchinson"]
+           "divergence_hutchinson", "ConcatConv2d", "ConcatSquashConv2d", "ODEConvNet",
+           "InvertibleBackprop"]

@@ -1,6 +1,13 @@
 """Continuous normalizing flows (FFJORD): the dynamics nets :class:`ConcatSquashLinear`,
-:class:`ConcatLinear` and :class:`ODEnet`, the divergence functions :func:`divergence_exact` and
+:class:`ConcatLinear` and :class:`ODEnet` for vectors ``[B, D]``, their convolutional
+counterparts :class:`ConcatSquashConv2d`, :class:`ConcatConv2d` and :class:`ODEConvNet` for
+images ``[B, C, H, W]``, the divergence functions :func:`divergence_exact` and
 :func:`divergence_hutchinson`, the layer :class:`CNF` and the model :class:`FFJORD`.
+
+A CNF acts on vectors (``features=D``) or on images (``features=(C, H, W)``, with the
+convolutional dynamics by default); inside the solve an image is carried as the vector of its
+``D = C * H * W`` values, so the divergence, the probes and the regularisers are the same code for
+both (the dynamics see the image shape).
 
 A CNF maps data to latent by integrating ``dz/dt = f(t, z)`` from ``t = 0`` to ``t = T``; the
 log-det of the flow map obeys ``d/dt log|det dz(t)/dx| = tr(df/dz)`` (instantaneous change of
@@ -34,9 +41,16 @@ Contract (DESIGN.md, "Points the contract settles"):
   sample (a Hutchinson estimate of the squared Frobenius norm); add ``weight * value.mean()``
   to the loss. They are None in eval mode or when off.
 
-The divergence uses autograd (``create_graph`` where a gradient is needed), so the layer turns
-autograd on for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``.
-The forward-mode native Hutchinson operator of issue 5 is not part of this file.
+Native path: with the Hutchinson estimator, no regulariser, and vector dynamics that are an
+:class:`ODEnet` of concat-squash layers, every evaluation of the dynamics is one call of the
+native operator :func:`fastflow.ops.mlp_trace.mlp_trace`: ``f`` and ``eps^T (df/dz) eps`` by one
+forward-mode (Jacobian-vector) pass through the known layers, with a hand-written backward
+(exact: the gradient of ``eps^T J eps``), where autograd would build a vector-Jacobian graph
+and differentiate it again. The time gates and hyper-biases of the layers are computed from
+``t`` in PyTorch and passed to the operator. Everything else (the exact trace, the
+regularisers, other dynamics, ``fastflow.backend("reference")``) uses autograd, so the layer
+turns autograd on for its own computation under ``torch.no_grad()`` and
+``torch.inference_mode()``.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -59,7 +73,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fastflow import _native
 from fastflow.flow import Flow, Transform
+from fastflow.ops.mlp_trace import mlp_trace
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
 from fastflow._checks import positive_int as _positive_int
@@ -70,7 +86,10 @@ __all__ = [
     "SOLVERS",
     "ConcatLinear",
     "ConcatSquashLinear",
+    "ConcatConv2d",
+    "ConcatSquashConv2d",
     "ODEnet",
+    "ODEConvNet",
     "divergence_exact",
     "divergence_hutchinson",
     "CNF",
@@ -184,15 +203,9 @@ class ODEnet(nn.Module):
     ):
         super().__init__()
         self.features = _positive_int(features, "features")
-        if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
-            hidden = [hidden]
-        if not isinstance(hidden, Sequence):
-            raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
-        widths = [_positive_int(w, "hidden") for w in hidden]
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-        if layer not in _LAYERS:
-            raise ValueError(f"layer must be one of {_LAYERS}, got {layer!r}")
+        widths = _hidden_widths(hidden)
+        _check_choice(activation, _ACTIVATIONS, "activation")
+        _check_choice(layer, _LAYERS, "layer")
         self.activation = activation
         self.layer = layer
         self._act = _ACTIVATIONS[activation]
@@ -213,14 +226,216 @@ class ODEnet(nn.Module):
         return h
 
 
+def _time(t: Any, h: Tensor) -> Tensor:
+    """``t`` (a Python number or a one-element tensor) as a ``[1, 1]`` tensor like ``h``."""
+    t = torch.as_tensor(t, dtype=h.dtype, device=h.device)
+    if t.numel() != 1:
+        raise ValueError(f"t must be a scalar (one time for the whole batch), got shape {tuple(t.shape)}")
+    return t.reshape(1, 1)
+
+
+def _check_image(h: Any, channels: int, name: str) -> None:
+    if not isinstance(h, Tensor) or h.dim() != 4 or h.shape[1] != channels:
+        shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+        raise ValueError(f"{name} must be a tensor [B, {channels}, H, W], got {shape}")
+
+
+def _conv_geometry(kernel_size: Any, padding: Any) -> tuple[int, int]:
+    kernel_size = _positive_int(kernel_size, "kernel_size")
+    if padding is None:
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd when padding is None (size-preserving), got {kernel_size}"
+            )
+        padding = kernel_size // 2
+    return kernel_size, _int_at_least(padding, "padding", 0)
+
+
+class ConcatSquashConv2d(nn.Module):
+    """Time-conditioned convolution of FFJORD's image models:
+    ``conv(h) * sigmoid(W_g t + b_g) + W_b t``, the gate and the bias per output channel
+    (``W_b`` without bias), broadcast over the pixels.
+
+    Grathwohl et al. "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative
+    Models" (2019), https://arxiv.org/abs/1810.01367.
+
+    Arguments:
+        in_channels: channels of ``h``.
+        out_channels: channels of the output.
+        kernel_size: of the convolution (default 3).
+        padding: zero padding (None: ``kernel_size // 2``, which keeps ``H`` and ``W`` for an odd
+            kernel, as a CNF needs).
+
+    ``forward(t, h)`` takes ``t`` a scalar tensor (or a Python number) and ``h`` of shape
+    ``[B, in_channels, H, W]``.
+
+    Example:
+        >>> layer = ConcatSquashConv2d(3, 8)
+        >>> layer(torch.tensor(0.3), torch.randn(2, 3, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int | None = None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size, self.padding = _conv_geometry(kernel_size, padding)
+        self.conv = nn.Conv2d(in_channels, out_channels, self.kernel_size, padding=self.padding)
+        self.hyper_gate = nn.Linear(1, out_channels)
+        self.hyper_bias = nn.Linear(1, out_channels, bias=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, padding={self.padding}"
+        )
+
+    def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
+        _check_image(h, self.in_channels, "h")
+        t = _time(t, h)
+        gate = torch.sigmoid(self.hyper_gate(t)).view(1, -1, 1, 1)
+        return self.conv(h) * gate + self.hyper_bias(t).view(1, -1, 1, 1)
+
+
+class ConcatConv2d(nn.Module):
+    """Time-conditioned convolution ``conv([t, h])`` (FFJORD's ``concat`` for images): a
+    constant channel holding ``t`` is put in front of ``h``'s channels.
+
+    Arguments:
+        in_channels, out_channels, kernel_size, padding: as in :class:`ConcatSquashConv2d`
+            (the convolution itself has ``in_channels + 1`` input channels).
+
+    Example:
+        >>> ConcatConv2d(3, 8)(0.1, torch.randn(2, 3, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int | None = None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size, self.padding = _conv_geometry(kernel_size, padding)
+        self.conv = nn.Conv2d(in_channels + 1, out_channels, self.kernel_size, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, padding={self.padding}"
+        )
+
+    def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
+        _check_image(h, self.in_channels, "h")
+        t = _time(t, h)
+        tt = t.reshape(1, 1, 1, 1).expand(h.shape[0], 1, h.shape[2], h.shape[3])
+        return self.conv(torch.cat([tt, h], dim=1))
+
+
+class ODEConvNet(nn.Module):
+    """The dynamics ``f(t, z)`` of a CNF on images ``[B, C, H, W]``: time-conditioned
+    convolutions (stride 1, size-preserving padding) with the activation on all but the last,
+    ``C -> hidden[0] -> ... -> hidden[-1] -> C`` channels (FFJORD's image ODE nets, without the
+    multiscale squeezes).
+
+    Grathwohl et al. "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative
+    Models" (2019), https://arxiv.org/abs/1810.01367.
+
+    Arguments:
+        channels: ``C`` (input and output channels).
+        hidden: hidden channel counts (FFJORD images: three layers of 64).
+        activation: ``"tanh"`` (default) or ``"softplus"``.
+        layer: ``"concatsquash"`` (default, :class:`ConcatSquashConv2d`) or ``"concat"``
+            (:class:`ConcatConv2d`).
+        kernel_size: of every convolution (odd; default 3).
+
+    Example:
+        >>> net = ODEConvNet(1, hidden=(8, 8))
+        >>> net(torch.tensor(0.0), torch.randn(2, 1, 6, 6)).shape
+        torch.Size([2, 1, 6, 6])
+        >>> cnf = CNF((1, 6, 6), net=net)   # or CNF((1, 6, 6), hidden=(8, 8)): the same net
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int | Sequence[int] = (64, 64, 64),
+        activation: str = "tanh",
+        layer: str = "concatsquash",
+        kernel_size: int = 3,
+    ):
+        super().__init__()
+        self.channels = _positive_int(channels, "channels")
+        widths = _hidden_widths(hidden)
+        _check_choice(activation, _ACTIVATIONS, "activation")
+        _check_choice(layer, _LAYERS, "layer")
+        self.kernel_size, _ = _conv_geometry(kernel_size, None)
+        self.activation = activation
+        self.layer = layer
+        self._act = _ACTIVATIONS[activation]
+        cls = ConcatSquashConv2d if layer == "concatsquash" else ConcatConv2d
+        dims = [self.channels] + widths + [self.channels]
+        self.layers = nn.ModuleList(cls(a, b, self.kernel_size) for a, b in zip(dims[:-1], dims[1:]))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, activation={self.activation!r}, layer={self.layer!r}"
+
+    def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
+        _check_image(z, self.channels, "z")
+        h = z
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if k < last:
+                h = self._act(h)
+        return h
+
+
+def _hidden_widths(hidden: Any) -> list[int]:
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+        hidden = [hidden]
+    if not isinstance(hidden, Sequence):
+        raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+    return [_positive_int(w, "hidden") for w in hidden]
+
+
+def _check_choice(value: Any, choices: Any, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _features_shape(features: Any) -> torch.Size:
+    """``features`` of a CNF or FFJORD: an int ``D`` or an event shape such as ``(C, H, W)``."""
+    if isinstance(features, numbers.Integral) and not isinstance(features, bool):
+        return torch.Size([_positive_int(features, "features")])
+    if isinstance(features, Sequence) and not isinstance(features, str) and len(features) > 0:
+        for d in features:
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"features must be an int D or a shape of positive ints, got {features!r}")
+        return torch.Size(int(d) for d in features)
+    raise ValueError(f"features must be an int D or a shape of positive ints such as (C, H, W), got {features!r}")
+
+
+class _Flattened(nn.Module):
+    """A dynamics net of an event shape seen through the flat state ``[B, D]`` of the solve."""
+
+    def __init__(self, net: nn.Module, shape: torch.Size):
+        super().__init__()
+        self.net = net
+        self.shape = shape
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        out = self.net(t, z.reshape(z.shape[0], *self.shape))
+        return out.reshape(z.shape[0], -1)
+
+
 # -- divergence -------------------------------------------------------------------------------
 
 
 def divergence_exact(f_out: Tensor, z: Tensor, create_graph: bool = True) -> Tensor:
     """``tr(df/dz)`` per sample, ``[B]``, from ``D`` vector-Jacobian products (small ``D``).
 
-    ``f_out`` (``[B, D]``) must have been computed from ``z`` (``[B, D]``, requiring grad) row by
-    row. With ``create_graph`` the result is differentiable (w.r.t. ``z`` and the parameters).
+    ``f_out`` (``[B, D]``, or ``[B, C, H, W]`` and any ``[B, ...]``, then ``D`` is the number of
+    values per sample) must have been computed from ``z`` (same shape, requiring grad) sample by
+    sample. With ``create_graph`` the result is differentiable (w.r.t. ``z`` and the parameters).
 
     Example:
         >>> z = torch.randn(4, 3, requires_grad=True)
@@ -228,10 +443,12 @@ def divergence_exact(f_out: Tensor, z: Tensor, create_graph: bool = True) -> Ten
         tensor([6., 6., 6., 6.])
     """
     _check_pair(f_out, z)
-    total = f_out.new_zeros(f_out.shape[0])
-    for i in range(f_out.shape[1]):
-        (g,) = torch.autograd.grad(f_out[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
-        total = total + g[:, i]
+    batch = f_out.shape[0]
+    flat = f_out.reshape(batch, -1)
+    total = f_out.new_zeros(batch)
+    for i in range(flat.shape[1]):
+        (g,) = torch.autograd.grad(flat[:, i].sum(), z, create_graph=create_graph, retain_graph=True)
+        total = total + g.reshape(batch, -1)[:, i]
     return total
 
 
@@ -239,7 +456,7 @@ def divergence_hutchinson(f_out: Tensor, z: Tensor, eps: Tensor, create_graph: b
     """Hutchinson's estimate ``<eps^T df/dz, eps>`` of ``tr(df/dz)`` per sample, ``[B]``.
 
     Unbiased when ``eps`` has zero mean and identity covariance (Gaussian or Rademacher); one
-    vector-Jacobian product. ``eps`` has the shape of ``z``.
+    vector-Jacobian product. ``eps`` has the shape of ``z`` (``[B, D]`` or ``[B, ...]``).
 
     Example:
         >>> z = torch.randn(4, 3, requires_grad=True)
@@ -254,12 +471,15 @@ def divergence_hutchinson(f_out: Tensor, z: Tensor, eps: Tensor, create_graph: b
             f"{tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}"
         )
     (vjp,) = torch.autograd.grad(f_out, z, eps, create_graph=create_graph, retain_graph=True)
-    return (vjp * eps).sum(1)
+    return (vjp * eps).reshape(z.shape[0], -1).sum(1)
 
 
 def _check_pair(f_out: Tensor, z: Tensor) -> None:
-    if not isinstance(z, Tensor) or z.dim() != 2:
-        raise ValueError(f"z must be a tensor [B, D], got {getattr(z, 'shape', type(z).__name__)}")
+    if not isinstance(z, Tensor) or z.dim() < 2:
+        raise ValueError(
+            f"z must be a tensor [B, D] or [B, ...] (e.g. [B, C, H, W]), got "
+            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}"
+        )
     if not isinstance(f_out, Tensor) or f_out.shape != z.shape:
         raise ValueError(
             f"f_out must have the shape of z {tuple(z.shape)}, got "
@@ -288,13 +508,32 @@ def _autograd_on() -> Iterator[None]:
 # -- the layer --------------------------------------------------------------------------------
 
 
+def _native_dynamics(net: nn.Module):
+    """For an :class:`ODEnet` of concat-squash layers, the function ``t -> (weights, biases,
+    gates, shifts)`` that feeds :func:`fastflow.ops.mlp_trace.mlp_trace` (the gates
+    ``sigmoid(W_g t + b_g)`` and hyper-biases ``W_b t`` as ``[1, out]`` rows); else None."""
+    if type(net) is not ODEnet or net.layer != "concatsquash":
+        return None
+
+    def tensors(t: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        layers = list(net.layers)
+        tt = t.reshape(1, 1).to(layers[0].linear.weight.dtype)
+        weights = [layer.linear.weight for layer in layers]
+        biases = [layer.linear.bias for layer in layers]
+        gates = [torch.sigmoid(layer.hyper_gate(tt)) for layer in layers]
+        shifts = [layer.hyper_bias(tt) for layer in layers]
+        return weights, biases, gates, shifts
+
+    return tensors
+
+
 class _Dynamics(nn.Module):
     """The augmented dynamics of one solve (a fresh object per call: it holds that solve's
     probes and counters). State ``(z, a[, kinetic, jac])`` in normalised time ``s``."""
 
     def __init__(self, cnf: "CNF", estimator: str, eps: Tensor | None, regularize: bool):
         super().__init__()
-        self.net = cnf.net
+        self.net = cnf.net if len(cnf.event_shape) == 1 else _Flattened(cnf.net, cnf.event_shape)
         self._cnf = [cnf]  # not a submodule (no parameter twice)
         self.estimator = estimator
         self.eps = eps
@@ -302,6 +541,9 @@ class _Dynamics(nn.Module):
         self.nfe = 0
         self.nfe_backward = 0
         self.backward_phase = False
+        self.native = None
+        if estimator == "hutchinson" and not regularize and len(cnf.event_shape) == 1:
+            self.native = _native_dynamics(cnf.net)
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.backward_phase:
@@ -310,6 +552,14 @@ class _Dynamics(nn.Module):
             self.nfe += 1
         create_graph = torch.is_grad_enabled()
         z = state[0]
+        if self.native is not None and _native.use_native("mlp_trace", z):
+            T = self._cnf[0].end_time
+            weights, biases, gates, shifts = self.native(s * T)
+            f, div = mlp_trace(
+                z, weights, biases, gates, shifts, None, self.net.activation, False,
+                probes=self.eps.unsqueeze(0), value_coeffs=[1.0],
+            )
+            return T * f, T * div
         with torch.enable_grad():
             if not (create_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
@@ -337,19 +587,25 @@ class _Dynamics(nn.Module):
 
 
 class CNF(Transform):
-    """One continuous normalizing flow block on vectors ``[B, D]`` (module docstring).
+    """One continuous normalizing flow block on vectors ``[B, D]`` or images ``[B, C, H, W]``
+    (module docstring).
 
     Arguments:
-        features: ``D``.
-        net: the dynamics, an ``nn.Module`` with ``forward(t, z) -> dz/dt`` acting row by row
-            (None: ``ODEnet(features, hidden, activation, layer)``).
-        hidden, activation, layer: of the default :class:`ODEnet` (ignored with ``net``).
+        features: ``D`` for vectors, or the event shape: ``(C, H, W)`` for images (any shape
+            with a ``net`` of its own).
+        net: the dynamics, an ``nn.Module`` with ``forward(t, z) -> dz/dt`` acting sample by
+            sample on ``z`` of shape ``[B, *features]`` (None: ``ODEnet(D, hidden, activation,
+            layer)`` for vectors, ``ODEConvNet(C, hidden, activation, layer)`` for images).
+        hidden, activation, layer: of the default :class:`ODEnet` / :class:`ODEConvNet`
+            (ignored with ``net``).
         T: the end time (FFJORD: 0.5).
         train_T: learn ``T`` (as ``T = sqrt_T^2``, FFJORD's parametrisation); else a buffer.
         estimator: divergence kind in training mode, ``"hutchinson"`` (default) or ``"exact"``.
         eval_estimator: kind in eval mode (None: ``"exact"`` when ``D <= exact_max_dim``, else
             ``"hutchinson"``).
-        exact_max_dim: the largest ``D`` for which the default eval estimator is exact.
+        exact_max_dim: the largest ``D`` (for an image ``C * H * W``) for which the default eval
+            estimator is exact (the exact trace costs ``D`` vector-Jacobian products per
+            evaluation).
         probe: Hutchinson probe distribution, ``"gaussian"`` (default) or ``"rademacher"``.
         solver: torchdiffeq method, one of :data:`SOLVERS` (default ``"dopri5"``).
         atol, rtol: tolerances of the adaptive solvers (and of the adjoint solve).
@@ -366,6 +622,9 @@ class CNF(Transform):
         >>> x2, logdet_inv = cnf.inverse(z)
         >>> cnf.last_nfe > 0, torch.allclose(x, x2, atol=1e-3)
         (True, True)
+        >>> image_cnf = CNF((1, 4, 4), hidden=(8,), eval_estimator="exact")  # conv dynamics
+        >>> image_cnf(torch.randn(2, 1, 4, 4))[0].shape
+        torch.Size([2, 1, 4, 4])
     """
 
     def __init__(
@@ -390,9 +649,19 @@ class CNF(Transform):
         jacobian_frobenius: bool = False,
     ):
         super().__init__()
-        self.features = _positive_int(features, "features")
+        self.event_shape = _features_shape(features)
+        #: ``D``, the number of values per sample (``C * H * W`` for an image).
+        self.features = math.prod(self.event_shape)
         if net is None:
-            net = ODEnet(self.features, hidden, activation, layer)
+            if len(self.event_shape) == 1:
+                net = ODEnet(self.features, hidden, activation, layer)
+            elif len(self.event_shape) == 3:
+                net = ODEConvNet(self.event_shape[0], hidden, activation, layer)
+            else:
+                raise ValueError(
+                    f"features must be D or (C, H, W) for the default dynamics (got the shape "
+                    f"{tuple(self.event_shape)}); pass a net for other shapes"
+                )
         elif not isinstance(net, nn.Module):
             raise ValueError(f"net must be an nn.Module with forward(t, z), got {type(net).__name__}")
         self.net = net
@@ -434,8 +703,9 @@ class CNF(Transform):
         self._last_dynamics: list[_Dynamics] = []  # a list: not registered as a submodule
 
     def extra_repr(self) -> str:
+        shape = self.features if len(self.event_shape) == 1 else tuple(self.event_shape)
         return (
-            f"features={self.features}, T={self.end_time.item():.4g}, estimator={self.estimator!r}, "
+            f"features={shape}, T={self.end_time.item():.4g}, estimator={self.estimator!r}, "
             f"solver={self.solver!r}, atol={self.atol:g}, rtol={self.rtol:g}, adjoint={self.adjoint}"
         )
 
@@ -485,8 +755,9 @@ class CNF(Transform):
     def _check_input(self, x: Any, name: str) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.features:
-            raise ValueError(f"{name} must have shape [batch, {self.features}], got {tuple(x.shape)}")
+        if x.dim() != len(self.event_shape) + 1 or x.shape[1:] != self.event_shape:
+            shape = ", ".join(str(d) for d in self.event_shape)
+            raise ValueError(f"{name} must have shape [batch, {shape}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if not bool(torch.isfinite(x).all()):
@@ -535,29 +806,35 @@ class CNF(Transform):
             self.last_kinetic = self.last_jacobian_frobenius = None
         return final[0], final[1]
 
+    def _solve_shaped(self, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+        # the solve carries [B, D]; an image goes in flattened and comes out in its shape
+        out, logdet = self._solve(x.reshape(x.shape[0], self.features), reverse)
+        return out.reshape(x.shape), logdet
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(z(T), log|det dz/dx|)``, integrating ``0 -> T``."""
         self._check_input(x, "x")
-        return self._solve(x, reverse=False)
+        return self._solve_shaped(x, reverse=False)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x, log|det dx/dz|)``, integrating ``T -> 0`` (the log-det comes out negated)."""
         self._check_input(z, "z")
-        return self._solve(z, reverse=True)
+        return self._solve_shaped(z, reverse=True)
 
 
 class FFJORD(Flow):
-    """FFJORD for vectors ``[B, D]``: ``n_blocks`` :class:`CNF` blocks and a standard normal
-    base (or ``base``).
+    """FFJORD for vectors ``[B, D]`` or images ``[B, C, H, W]`` (single scale, convolutional
+    dynamics): ``n_blocks`` :class:`CNF` blocks and a standard normal base (or ``base``).
 
     Grathwohl et al. "FFJORD: Free-form Continuous Dynamics for Scalable Reversible Generative
     Models" (2019), https://arxiv.org/abs/1810.01367.
 
     Arguments:
-        features: ``D``.
+        features: ``D``, or an image shape ``(C, H, W)``.
         n_blocks: CNF blocks (FFJORD 2-D toy: 1).
-        hidden, activation, layer: of each block's :class:`ODEnet`.
-        base: base distribution (None: standard normal over ``D``).
+        hidden, activation, layer: of each block's :class:`ODEnet` (:class:`ODEConvNet` for
+            images).
+        base: base distribution (None: standard normal over ``features``).
         **cnf_kwargs: passed to every :class:`CNF` (``T``, ``estimator``, ``solver``, ``atol``,
             ``rtol``, ``adjoint``, ...).
 
@@ -565,6 +842,8 @@ class FFJORD(Flow):
         >>> flow = FFJORD(2, hidden=(16, 16))
         >>> flow.log_prob(torch.randn(4, 2)).shape
         torch.Size([4])
+        >>> FFJORD((1, 4, 4), hidden=(8,)).sample(3).shape
+        torch.Size([3, 1, 4, 4])
     """
 
     def __init__(
@@ -577,7 +856,8 @@ class FFJORD(Flow):
         base: nn.Module | None = None,
         **cnf_kwargs: Any,
     ):
-        features = _positive_int(features, "features")
+        shape = _features_shape(features)
+        features = shape[0] if len(shape) == 1 else tuple(shape)
         n_blocks = _positive_int(n_blocks, "n_blocks")
         blocks = [
             CNF(features, hidden=hidden, activation=activation, layer=layer, **cnf_kwargs)
