@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -453,6 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_impl(
     const at::Tensor& probes_in, at::ArrayRef<double> value_coeffs,
     at::ArrayRef<double> psi_coeffs) {
   check_mlp_args(x_in, "x", weights, biases, gates, shifts, betas, act, preact);
+  // The arithmetic runs in the inputs' dtype even inside torch.autocast: an autocast GEMM
+  // would return half/bf16 products into float32 sums.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x_in.size(0), D = x_in.size(1);
   TORCH_CHECK(probes_in.dim() == 3 && probes_in.size(0) >= 1 && probes_in.size(1) == B &&
                   probes_in.size(2) == D,
@@ -523,6 +527,7 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
                         int64_t act, bool preact, const at::Tensor& probes,
                         const at::Tensor& psi_in) {
   check_mlp_args(x_in, "x", weights, biases, gates, shifts, betas, act, preact);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x_in.size(0), D = x_in.size(1);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "fastflow: grad_out must have shape ",
               x_in.sizes(), ", got ", grad_out_in.sizes());
@@ -667,6 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_fixed_point_cpu(
   check_fixed_point_args(y_in, weights, biases, betas, act, preact, tol, max_iter);
   TORCH_CHECK(y_in.device().is_cpu(), "fastflow: y must be a CPU tensor for the CPU kernel, got ",
               y_in.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor y = y_in.contiguous();
   const int64_t B = y.size(0);
   at::Tensor x = y.clone();

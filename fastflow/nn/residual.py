@@ -330,8 +330,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
 
     # -- the transform ----------------------------------------------------------------------
 
-    @staticmethod
-    def _check(x: Any, name: str) -> None:
+    def _check(self, x: Any, name: str) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if x.dim() < 2 or x.shape[0] == 0:
@@ -340,6 +339,18 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             )
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        param = next(self.g.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"{name} must have the dtype of the block's parameters ({param.dtype}; convert the "
+                f"block with .to(dtype) or use torch.autocast), got {x.dtype}"
+            )
+        structure = mlp_structure(self.g)
+        if structure is not None and x.dim() == 2 and x.shape[1] != structure[2][0].in_features:
+            raise ValueError(
+                f"{name} must have shape [batch, {structure[2][0].in_features}] (the branch's "
+                f"input width), got {tuple(x.shape)}"
+            )
 
     def _params(self) -> tuple[Tensor, ...]:
         return tuple(p for p in self.g.parameters() if p.requires_grad)
