@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fastflow.flow import Transform
+from fastflow.nn.coupling import check_layer_input
 from fastflow.ops.affine_coupling import affine_coupling, affine_coupling_inverse
 from fastflow._checks import positive_int as _positive_int
 
@@ -233,6 +234,7 @@ class MaskedAutoregressive(Transform):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must have shape [B, {self.features}], got {shape}")
+        check_layer_input(self, x, name)
 
     def _params(self, x: Tensor, prepared) -> tuple[Tensor | None, Tensor]:
         out = self.made.apply(x, prepared)

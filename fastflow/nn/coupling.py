@@ -169,6 +169,26 @@ class ConvNet(nn.Sequential):
         return h.contiguous(memory_format=fmt)
 
 
+def check_layer_input(module: nn.Module, x: Tensor, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` when ``x`` cannot enter ``module``: not floating
+    point, an empty batch, or (autocast off) a dtype other than the module's parameters' (the
+    layer would otherwise fail deep inside with a message about its weights)."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)})")
+    param = next(module.parameters(), None)
+    if (
+        param is not None
+        and x.dtype != param.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        raise ValueError(
+            f"{name} must have the layer's dtype ({param.dtype}; convert the layer with "
+            f".to(dtype) or use torch.autocast), got {x.dtype}"
+        )
+
+
 def _check_width(hidden: int, n_hidden_layers: int) -> None:
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be a positive int, got {hidden!r}")
@@ -365,6 +385,7 @@ class _Coupling(Transform):
                 f"{name} must have shape [batch, {', '.join(map(str, self.event_shape))}], "
                 f"got {tuple(x.shape)}"
             )
+        check_layer_input(self, x, name)
 
     def _conditioner_input(self, x: Tensor, context: Tensor | None) -> Tensor:
         x_a = self.partition.conditioning(x)
@@ -409,6 +430,12 @@ class _Coupling(Transform):
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         log_scale, shift = self._scale_and_shift(self._params(x, context))
         x_b = self.partition.transformed(x)
+        # Under autocast the conditioner runs in half/bf16 while x stays in its own dtype: the
+        # coupling itself (and its log-det) is computed in x's dtype.
+        if shift.dtype != x_b.dtype:
+            shift = shift.to(x_b.dtype)
+        if log_scale is not None and log_scale.dtype != x_b.dtype:
+            log_scale = log_scale.to(x_b.dtype)
         op = affine_coupling_inverse if inverse else affine_coupling
         y_b, logdet = op(x_b, log_scale, shift, activation=self.activation, clamp=self.clamp)
         y = self.partition.merge(x, y_b)

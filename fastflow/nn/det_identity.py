@@ -217,11 +217,13 @@ class _NumericalInverse(Transform):
             return
         bad = ~converged
         worst = torch.where(bad, residual.nan_to_num(math.inf), -1.0).argmax()
+        n_nan = int(residual.isnan().sum())
+        nan_note = f" ({n_nan} with a NaN residual: non-finite values in z?)" if n_nan else ""
         self._fail(
             f"{type(self).__name__}.inverse did not converge for {int(bad.sum())} of "
-            f"{residual.numel()} samples within max_iter={max_iter} (tol={tol:g}): worst "
-            f"residual {float(residual[worst]):.3g} at sample {int(worst)}. Raise max_iter or "
-            "tol, or check the input for non-finite values."
+            f"{residual.numel()} samples of z within max_iter={max_iter} (tol={tol:g}){nan_note}: "
+            f"worst residual {float(residual[worst]):.3g} at sample {int(worst)}. Raise max_iter "
+            "or tol, or check the input for non-finite values."
         )
 
 

@@ -115,6 +115,10 @@ class InvertibleConv1x1(Transform):
                 f"{name} must have shape [B, {self.num_channels}] or [B, {self.num_channels}, H, W], "
                 f"got {shape}"
             )
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)})")
 
     def _factors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return self.perm, self.lower, self.upper, self.sign, self.log_s
@@ -162,7 +166,9 @@ class InvertibleConv1x1(Transform):
         params = list(self.parameters())
         # The cached weight carries no graph: use it only where no gradient to the parameters
         # can be asked for.
-        cacheable = not self.training and not (
+        # (not under torch.compile: the cache's key reads data pointers, a graph break; the
+        # compiled graph forms the inverse weight itself)
+        cacheable = checked and not self.training and not (
             torch.is_grad_enabled() and any(p.requires_grad for p in params)
         )
         if self.lu and not cacheable:

@@ -23,6 +23,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -140,6 +142,12 @@ def invconv_plu_inverse(
 
 def _dispatch(x, perm, lower, upper, sign, log_s, inverse: bool) -> tuple[Tensor, Tensor]:
     if _native.use_native("invconv_plu", x):
+        if torch.is_autocast_enabled(x.device.type):
+            # The kernel's GEMM would otherwise be recast by autocast, returning half/bf16 from a
+            # float32 input (and a backward that rejects the half/bf16 gradient): the operator
+            # keeps its input's dtype, as the reference does.
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.ops.fastflow.invconv_plu.default(x, perm, lower, upper, sign, log_s, inverse)
         return torch.ops.fastflow.invconv_plu.default(x, perm, lower, upper, sign, log_s, inverse)
     return invconv_plu_reference(x, perm, lower, upper, sign, log_s, inverse=inverse)
 
@@ -178,7 +186,8 @@ def _apply_1x1(m: Tensor, x: Tensor) -> Tensor:
     xf = x.to(m.dtype)
     if x.dim() == 2:
         return xf @ m.t()
-    return (m @ xf.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
+    # explicit pixel count: a -1 is ambiguous for an empty batch
+    return (m @ xf.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))).reshape(x.shape)
 
 
 def invconv_plu_reference(
@@ -279,6 +288,8 @@ if _native.native_load_error() is None:
             grad_out = torch.zeros_like(x)
         if grad_logdet is None:
             grad_logdet = log_s.new_zeros(x.shape[0])
+        if grad_out.dtype != x.dtype:
+            grad_out = grad_out.to(x.dtype)
         if torch.is_grad_enabled():
             # create_graph=True: the same hand-derived formulas, in differentiable operations.
             gx, gl, gu, gs = invconv_plu_backward_reference(
