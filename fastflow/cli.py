@@ -597,6 +597,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every = args.eval_every or max(1, total // 10)
         ckpt_every = args.checkpoint_every or eval_every
         ckpt_file = os.path.join(out, CHECKPOINT_NAME)
+        _remove_stale_temporaries(out)
 
         def save() -> None:
             save_checkpoint(ckpt_file, {
@@ -605,8 +606,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "rng": rng_state({"data": data_gen}), "history": history,
                 "versions": {"fastflow": str(fastflow.__version__), "torch": str(torch.__version__)},
             })
-            with open(os.path.join(out, HISTORY_NAME), "w") as f:
+            # atomically, as the checkpoint: a run killed mid-write leaves the previous file
+            path = os.path.join(out, HISTORY_NAME)
+            with open(path + ".tmp", "w") as f:
                 json.dump({"unit": config["unit"], **history}, f)
+            os.replace(path + ".tmp", path)
 
         def evaluate() -> float:
             value = evaluate_nll(model, data, heldout, device, seed=seed)
@@ -682,6 +686,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             for p in paths:
                 print(f"picture: {os.path.abspath(p)}")
     return 0
+
+
+def _remove_stale_temporaries(out: str) -> None:
+    """Deletes the temporary files of a run killed while writing its checkpoint or history (the
+    files themselves are replaced atomically, so they are whole; a temporary is debris)."""
+    for name in os.listdir(out):
+        if (name.startswith(".tmp-") and name.endswith(".ckpt")) or name == HISTORY_NAME + ".tmp":
+            try:
+                os.unlink(os.path.join(out, name))
+            except OSError:
+                pass
 
 
 def _pictures(model, data: Dataset, history, out: str, config, device, kinds=("all",), quiet=False,

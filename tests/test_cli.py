@@ -154,6 +154,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model, data):
     assert [e["value"] for e in a["eval"]][-1] == [e["value"] for e in b["eval"]][-1]
 
 
+def test_resume_removes_the_temporaries_of_a_killed_save(tmp_path):
+    """A run killed while saving leaves the save's temporary beside the (whole) files; the
+    resumed run deletes it (scripts/soak.py kills real runs)."""
+    assert train(tmp_path, "realnvp", "moons", 2) == 0
+    (tmp_path / ".tmp-killed.ckpt").write_bytes(b"half a checkpoint")
+    (tmp_path / "history.json.tmp").write_text('{"loss": [1.0')
+    assert cli.main(["train", "--resume", str(tmp_path), "--steps", "3", "--progress", "off", "--no-plot"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "history.json"]
+    assert len(history(tmp_path)["loss"]) == 3
+
+
 def test_resume_with_out_and_epochs(tmp_path):
     assert train(tmp_path, "maf", "moons", 2) == 0
     assert cli.main(["train", "--resume", "--out", str(tmp_path), "--epochs", "1", "--progress", "off", "--no-plot"]) == 0
