@@ -339,7 +339,8 @@ def test_native_op_checks_arguments_itself():
         op(h, h, h, 1, 2.0, False, False)
 
 
-def test_backend_selection():
+def test_backend_selection(monkeypatch):
+    monkeypatch.setattr(fastflow._native, "_warned", set())  # warnings are once per process
     assert fastflow.get_backend() == "auto"
     with fastflow.backend("reference"):
         assert fastflow.get_backend() == "reference"
