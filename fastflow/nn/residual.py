@@ -32,11 +32,18 @@ The log-det needs autograd (vector-Jacobian products), so the block turns it on 
 computation under ``torch.no_grad()`` and ``torch.inference_mode()`` and returns tensors without
 a graph there.
 
+Native path: when ``g`` is an MLP the operators of :mod:`fastflow.ops.mlp_trace` take
+(:func:`mlp_structure`: what :func:`residual_mlp` builds), the "roulette" estimator and the
+"series" estimator with ``series_grad="neumann"`` run on the native trace operator
+(forward-mode products through the known layers, a hand-written Neumann-series backward that
+keeps only each layer's pre-activation input; ``memory_efficient`` has nothing left to save
+there and is ignored), and the inverse's forward solve on the native fixed-point operator.
+Other branches, the exact log-det and ``series_grad="backprop"`` use the autograd estimators.
+
 ``torch.compile``: a block runs eagerly inside a compiled model (``torch.compiler.disable``).
-Its estimators call ``torch.autograd.grad`` on ``g``'s graph with ``create_graph``, which
-dynamo cannot capture (graph break) and AOT autograd cannot differentiate again (no double
-backward through a compiled region); a traceable estimator is the job of the native Hutchinson
-operator.
+The autograd estimators call ``torch.autograd.grad`` on ``g``'s graph with ``create_graph``,
+which dynamo cannot capture (graph break) and AOT autograd cannot differentiate again (no
+double backward through a compiled region).
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. "Invertible Residual Networks" (2019),
