@@ -251,7 +251,27 @@ def _conv_geometry(kernel_size: Any, padding: Any) -> tuple[int, int]:
     return kernel_size, _int_at_least(padding, "padding", 0)
 
 
-class ConcatSquashConv2d(nn.Module):
+class _TimeConv2d(nn.Module):
+    """The geometry and convolution shared by the time-conditioned conv layers; ``extra_in``
+    input channels beyond ``h``'s (the time channel of :class:`ConcatConv2d`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int | None,
+                 extra_in: int = 0):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size, self.padding = _conv_geometry(kernel_size, padding)
+        self.conv = nn.Conv2d(in_channels + extra_in, out_channels, self.kernel_size,
+                              padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, padding={self.padding}"
+        )
+
+
+class ConcatSquashConv2d(_TimeConv2d):
     """Time-conditioned convolution of FFJORD's image models:
     ``conv(h) * sigmoid(W_g t + b_g) + W_b t``, the gate and the bias per output channel
     (``W_b`` without bias), broadcast over the pixels.
@@ -276,19 +296,9 @@ class ConcatSquashConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int | None = None):
-        super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.kernel_size, self.padding = _conv_geometry(kernel_size, padding)
-        self.conv = nn.Conv2d(in_channels, out_channels, self.kernel_size, padding=self.padding)
+        super().__init__(in_channels, out_channels, kernel_size, padding)
         self.hyper_gate = nn.Linear(1, out_channels)
         self.hyper_bias = nn.Linear(1, out_channels, bias=False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"kernel_size={self.kernel_size}, padding={self.padding}"
-        )
 
     def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
         _check_image(h, self.in_channels, "h")
@@ -297,7 +307,7 @@ class ConcatSquashConv2d(nn.Module):
         return self.conv(h) * gate + self.hyper_bias(t).view(1, -1, 1, 1)
 
 
-class ConcatConv2d(nn.Module):
+class ConcatConv2d(_TimeConv2d):
     """Time-conditioned convolution ``conv([t, h])`` (FFJORD's ``concat`` for images): a
     constant channel holding ``t`` is put in front of ``h``'s channels.
 
@@ -311,17 +321,7 @@ class ConcatConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int | None = None):
-        super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.kernel_size, self.padding = _conv_geometry(kernel_size, padding)
-        self.conv = nn.Conv2d(in_channels + 1, out_channels, self.kernel_size, padding=self.padding)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"kernel_size={self.kernel_size}, padding={self.padding}"
-        )
+        super().__init__(in_channels, out_channels, kernel_size, padding, extra_in=1)
 
     def forward(self, t: Tensor | float, h: Tensor) -> Tensor:
         _check_image(h, self.in_channels, "h")
