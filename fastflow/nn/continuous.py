@@ -217,13 +217,18 @@ class ODEnet(nn.Module):
         return f"features={self.features}, activation={self.activation!r}, layer={self.layer!r}"
 
     def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
-        h = z
-        last = len(self.layers) - 1
-        for k, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if k < last:
-                h = self._act(h)
-        return h
+        return _run_layers(self.layers, self._act, t, z)
+
+
+def _run_layers(layers: nn.ModuleList, act: Any, t: Tensor | float, z: Tensor) -> Tensor:
+    """The time-conditioned layers in turn, the activation between them (not after the last)."""
+    h = z
+    last = len(layers) - 1
+    for k, layer in enumerate(layers):
+        h = layer(t, h)
+        if k < last:
+            h = act(h)
+    return h
 
 
 def _time(t: Any, h: Tensor) -> Tensor:
@@ -380,13 +385,7 @@ class ODEConvNet(nn.Module):
 
     def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
         _check_image(z, self.channels, "z")
-        h = z
-        last = len(self.layers) - 1
-        for k, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if k < last:
-                h = self._act(h)
-        return h
+        return _run_layers(self.layers, self._act, t, z)
 
 
 def _hidden_widths(hidden: Any) -> list[int]:

@@ -441,7 +441,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
 
         return solve
 
-    def _transform_native(self, kind: str, x: Tensor, need: bool, structure) -> tuple[Tensor, Tensor] | None:
+    def _transform_native(self, kind: str, x: Tensor, structure) -> tuple[Tensor, Tensor] | None:
         tensors = _mlp_tensors(structure, x.dtype)
         if tensors is None:
             return None
@@ -465,7 +465,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         structure = self._native_structure(kind, x, need)
         if structure is not None:
-            out = self._transform_native(kind, x, need, structure)
+            out = self._transform_native(kind, x, structure)
             if out is not None:
                 return out
         with _autograd_on() as inference:
