@@ -525,7 +525,7 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
                         const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
                         at::TensorList gates, at::TensorList shifts, const at::Tensor& betas,
                         int64_t act, bool preact, const at::Tensor& probes,
-                        const at::Tensor& psi_in) {
+                        const at::Tensor& psi_in, at::Tensor* value, at::Tensor* tangent_dot) {
   check_mlp_args(x_in, "x", weights, biases, gates, shifts, betas, act, preact);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x_in.size(0), D = x_in.size(1);
@@ -570,6 +570,15 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
     }
     if (!shifts.empty()) {
       h = h + shifts[l];
+    }
+  }
+  if (value != nullptr) {
+    *value = h;
+  }
+  if (tangent_dot != nullptr) {
+    *tangent_dot = (t * probes.contiguous().view({P * B, D})).view({P, B, D}).sum(at::IntArrayRef{0, 2});
+    if (P > 1) {
+      tangent_dot->div_(static_cast<double>(P));
     }
   }
   h = at::Tensor();

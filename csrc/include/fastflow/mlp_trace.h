@@ -21,7 +21,10 @@
 //       -> (grad_x, grad_weights, grad_biases, grad_gates, grad_shifts, grad_betas)
 //       gradients of sum_b [<grad_out_b, out_b> + grad_trace_b mean_p <v, J psi>] with v and
 //       psi held constant (the Neumann surrogate; with K = 1 and psi = v, the exact gradient
-//       of the trace).
+//       of the trace). With value / tangent_dot non-null it also stores g(x) and
+//       mean_p <v, J psi> there (from the passes it makes anyway: with psi = v, the value and
+//       the one-term trace of mlp_trace_forward, for callers that need both, like the CNF
+//       adjoint).
 //   mlp_fixed_point(y, weights, biases, betas, act, preact, tol, max_iter)
 //       -> (x, iterations, residual): x <- y - g(x) from x = y, per sample, until
 //       max_j |x_k - x_{k-1}| / (1 + |y_j|) <= tol (fastflow/ops/fixed_point.py).
@@ -59,7 +62,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 mlp_trace_backward_impl(const at::Tensor& grad_out, const at::Tensor& grad_trace,
                         const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                         at::TensorList gates, at::TensorList shifts, const at::Tensor& betas,
-                        int64_t act, bool preact, const at::Tensor& probes, const at::Tensor& psi);
+                        int64_t act, bool preact, const at::Tensor& probes, const at::Tensor& psi,
+                        at::Tensor* value = nullptr, at::Tensor* tangent_dot = nullptr);
 
 // g(x) alone (the primal pass), used by the fixed-point kernels' reference loop.
 at::Tensor mlp_apply(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
