@@ -70,4 +70,19 @@ TORCH_LIBRARY(fastflow, m) {
   m.def(
       "mlp_fixed_point(Tensor y, Tensor[] weights, Tensor[] biases, Tensor betas, int act, "
       "bool preact, float tol, int max_iter) -> (Tensor, Tensor, Tensor)");
+  // A whole FFJORD solve for concat-squash MLP dynamics: dopri5 of (z, a), da/ds = T times
+  // Hutchinson's divergence with the fixed probe, in normalised time s = 0 -> 1 (reverse:
+  // 1 -> 0); returns (z_out, logdet, nfe). Its adjoint solve returns the gradients w.r.t. z and
+  // every parameter and the end time, and its nfe. csrc/include/fastflow/cnf_dopri5.h.
+  m.def(
+      "cnf_dopri5(Tensor z, Tensor[] weights, Tensor[] biases, Tensor[] gate_weights, "
+      "Tensor[] gate_biases, Tensor[] shift_weights, Tensor end_time, int act, Tensor probe, "
+      "bool reverse, float rtol, float atol, int end_time_norm, int max_steps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cnf_dopri5_adjoint(Tensor grad_z, Tensor grad_logdet, Tensor z_out, Tensor logdet, "
+      "Tensor[] weights, Tensor[] biases, Tensor[] gate_weights, Tensor[] gate_biases, "
+      "Tensor[] shift_weights, Tensor end_time, int act, Tensor probe, bool reverse, float rtol, "
+      "float atol, int end_time_norm, int max_steps) "
+      "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)");
 }

@@ -319,19 +319,23 @@ def test_cnf_native_dynamics_match_the_reference(adjoint, activation):
 
 @requires_native
 def test_cnf_native_dynamics_only_where_they_apply(monkeypatch):
-    """Exact trace, regularisers and concat layers keep the autograd dynamics."""
+    """The whole solve is one native call (fastflow.ops.cnf_dopri5) for dopri5 with adjoint
+    gradients; fixed-step solvers and backpropagation through the solver call the native
+    dynamics per evaluation; the exact trace, the regularisers and concat layers keep the
+    autograd dynamics."""
     from fastflow.nn import continuous
 
     calls = []
-    real = continuous.mlp_trace
-    monkeypatch.setattr(continuous, "mlp_trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_trace, real_solve = continuous.mlp_trace, continuous.cnf_dopri5
+    monkeypatch.setattr(continuous, "mlp_trace", lambda *a, **k: calls.append("dynamics") or real_trace(*a, **k))
+    monkeypatch.setattr(continuous, "cnf_dopri5", lambda *a, **k: calls.append("solve") or real_solve(*a, **k))
     x = torch.randn(8, 2, dtype=torch.float64)
-    for kwargs, native in [
-        (dict(), True), (dict(estimator="exact"), False), (dict(kinetic=True), False),
-        (dict(layer="concat"), False),
+    for kwargs, path in [
+        (dict(), "solve"), (dict(adjoint=False), "dynamics"), (dict(solver="rk4", step_size=0.1), "dynamics"),
+        (dict(estimator="exact"), None), (dict(kinetic=True), None), (dict(layer="concat"), None),
     ]:
         calls.clear()
         torch.manual_seed(0)
         cnf = continuous.CNF(2, hidden=(4,), **kwargs).double()
-        cnf(x)
-        assert bool(calls) == native, kwargs
+        cnf(x.clone().requires_grad_())
+        assert set(calls) == ({path} if path else set()), kwargs

@@ -75,6 +75,8 @@ from torch.nn import functional as F
 
 from fastflow import _native
 from fastflow.flow import Flow, Transform
+from fastflow.ops.cnf_dopri5 import ACTIVATIONS as _SOLVE_ACTIVATIONS
+from fastflow.ops.cnf_dopri5 import cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.mlp_trace import mlp_trace
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
@@ -695,7 +697,8 @@ class CNF(Transform):
         self.kinetic = bool(kinetic)
         self.jacobian_frobenius = bool(jacobian_frobenius)
         # diagnostics
-        self.last_nfe: int | None = None
+        self._last_nfe: int | Tensor | None = None
+        self._last_probe: Tensor | None = None  # the native solve's probe (its backward NFE)
         self.last_estimator: str | None = None
         self.last_kinetic: Tensor | None = None
         self.last_jacobian_frobenius: Tensor | None = None
@@ -744,9 +747,17 @@ class CNF(Transform):
         return "exact" if self.features <= self.exact_max_dim else "hutchinson"
 
     @property
+    def last_nfe(self) -> int | None:
+        """Evaluations of the dynamics in the forward solve of the last call (None before one)."""
+        nfe = self._last_nfe
+        return int(nfe) if isinstance(nfe, Tensor) else nfe
+
+    @property
     def last_nfe_backward(self) -> int | None:
         """Evaluations of the dynamics in the adjoint solves of backward passes through the last
-        call (0 with ``adjoint=False``; None before a call)."""
+        call (0 with ``adjoint=False`` or before a backward pass; None before a call)."""
+        if self._last_probe is not None:
+            return last_backward_nfe(self._last_probe) or 0
         return self._last_dynamics[0].nfe_backward if self._last_dynamics else None
 
     # -- the solves -------------------------------------------------------------------------
@@ -759,15 +770,44 @@ class CNF(Transform):
             raise ValueError(f"{name} must have shape [batch, {shape}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
+        # (compiled, the native solve checks this itself: the test reads a value)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} has non-finite values (NaN or inf); the ODE solve needs finite input")
 
+    def _solves_natively(self, x: Tensor, estimator: str, regularize: bool, grad_on: bool) -> bool:
+        """Whether this solve is one call of the native solve operator (module docstring)."""
+        return (
+            estimator == "hutchinson"
+            and not regularize
+            and self.solver == "dopri5"
+            and (self.adjoint or not grad_on)
+            and len(self.event_shape) == 1
+            and type(self.net) is ODEnet
+            and self.net.layer == "concatsquash"
+            and self.net.activation in _SOLVE_ACTIVATIONS
+            and _native.use_native("cnf_dopri5", x)
+        )
+
     def _solve(self, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
-        td = _torchdiffeq()
         estimator = self.active_estimator()
         regularize = self.training and (self.kinetic or self.jacobian_frobenius) and not reverse
         inference = torch.is_inference_mode_enabled()
         grad_on = torch.is_grad_enabled() and not inference
+        self.last_estimator = estimator
+        self.last_kinetic = self.last_jacobian_frobenius = None
+        if self._solves_natively(x, estimator, regularize, grad_on):
+            eps = _probe(x, self.probe)
+            # the reference's adjoint norm sees sqrt_T's adjoint when T is learned
+            end_time_norm = 2 if self.train_T and self.sqrt_T.requires_grad and grad_on else 0
+            z, logdet, nfe = cnf_dopri5(
+                x, *concatsquash_tensors(self.net), self.end_time, self.net.activation, eps,
+                reverse=reverse, rtol=self.rtol, atol=self.atol, end_time_norm=end_time_norm,
+            )
+            self._last_dynamics = []
+            self._last_probe = eps
+            self._last_nfe = nfe
+            return z, logdet
+        td = _torchdiffeq()
         with _autograd_on():
             if inference:
                 x = x.clone()
@@ -793,16 +833,14 @@ class CNF(Transform):
                     out = td.odeint(dyn, state, s, **kwargs)
             dyn.backward_phase = True
         self._last_dynamics = [dyn]
-        self.last_nfe = dyn.nfe
-        self.last_estimator = estimator
+        self._last_probe = None
+        self._last_nfe = dyn.nfe
         final = [o[-1] for o in out]
         if inference or not grad_on:
             final = [o.detach() for o in final]
         if regularize:
             self.last_kinetic = final[2] if self.kinetic else None
             self.last_jacobian_frobenius = final[3] if self.jacobian_frobenius else None
-        else:
-            self.last_kinetic = self.last_jacobian_frobenius = None
         return final[0], final[1]
 
     def _solve_shaped(self, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
