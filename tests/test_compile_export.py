@@ -217,24 +217,37 @@ requires_native = pytest.mark.skipif(
 )
 
 
+def _unconverged(model):
+    """Spectral norms restarted from random unit vectors, so that the training forward's power
+    iteration visibly moves ``u`` and ``v`` (after the construction's 200 rounds it would not,
+    and a compiled forward that skipped the update would go unnoticed)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fnn.SpectralNormLinear):
+                for t in (m.u, m.v):
+                    t.copy_(torch.nn.functional.normalize(torch.randn(t.shape, generator=gen), dim=0))
+    return model
+
+
 def _block(kind):
     torch.manual_seed(0)
     if kind == "iresnet_series":  # i-ResNet: ELU, no pre-activation, backpropagated series
         g = fnn.residual_mlp(3, hidden=8, n_hidden=1, activation="elu", preact=False)
-        return fnn.iResBlock(g, "series", "series", n_terms=3, eval_n_terms=4)
+        return _unconverged(fnn.iResBlock(g, "series", "series", n_terms=3, eval_n_terms=4))
     g = fnn.residual_mlp(3, hidden=8, n_hidden=1)
     if kind == "roulette":
-        return fnn.iResBlock(g, "roulette", "roulette", n_probes=2)
+        return _unconverged(fnn.iResBlock(g, "roulette", "roulette", n_probes=2))
     if kind == "series_neumann":
-        return fnn.iResBlock(g, "series", "series", n_terms=3, series_grad="neumann")
-    return fnn.iResBlock(g, "exact")
+        return _unconverged(fnn.iResBlock(g, "series", "series", n_terms=3, series_grad="neumann"))
+    return _unconverged(fnn.iResBlock(g, "exact"))
 
 
 def _flow():
     torch.manual_seed(0)
     model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)  # roulette; exact in eval
     initialize_actnorm(model, torch.randn(16, 2))
-    return model
+    return _unconverged(model)
 
 
 def _tensors(out):
