@@ -60,6 +60,14 @@ TORCH_LIBRARY(fastflow, m) {
       "mlp_trace(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] gates, Tensor[] shifts, "
       "Tensor betas, int act, bool preact, Tensor probes, float[] value_coeffs, "
       "float[] psi_coeffs) -> (Tensor, Tensor, Tensor)");
+  // The same with the coefficients as 1-D tensors (read on the host; CPU tensors cost no device
+  // synchronisation): K is the position of the last non-zero value coefficient, so a fixed-length
+  // tensor with trailing zeros carries a number of terms drawn at run time (a compiled graph's
+  // Russian roulette). The output shapes do not depend on the values.
+  m.def(
+      "mlp_trace.tensor_coeffs(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] gates, "
+      "Tensor[] shifts, Tensor betas, int act, bool preact, Tensor probes, Tensor value_coeffs, "
+      "Tensor psi_coeffs) -> (Tensor, Tensor, Tensor)");
   // Gradients of <grad_out, out> + sum_b grad_trace_b mean_p <v, J psi> (v, psi constants)
   // w.r.t. x, weights, biases, gates, shifts and betas.
   m.def(

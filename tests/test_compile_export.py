@@ -8,20 +8,32 @@
   Most cases compile with the ``aot_eager`` backend (Dynamo + AOTAutograd with fake tensors:
   the part that must trace the operators; seconds per case on a small CPU); RealNVP and Glow
   also with the default Inductor backend (about 10 s each here).
-* Residual Flows and FFJORD run their blocks eagerly inside a compiled model by design
+* Residual Flows and i-ResNet on MLP branches (:class:`~fastflow.nn.iResBlock` on
+  ``residual_mlp``, :class:`~fastflow.models.ResidualFlow`): ``forward`` and ``log_prob`` compile
+  with ``fullgraph=True`` in training and eval mode (one graph, no break) for the roulette and
+  the series with the Neumann gradient (native trace operator; skipped where it is not built),
+  the series with the backpropagated gradient and the exact log-det (forward-mode products in
+  PyTorch operations), and match eager with the same seed: values, the roulette's number of
+  terms, gradients w.r.t. the input and every parameter, and the spectral-norm and ActNorm state
+  after two calls. The roulette's random number of terms is a tensor in the graph: one
+  compilation serves every draw.
+* Blocks whose log-det runs on the autograd estimators (convolutional branches:
+  ResidualFlowImage) and FFJORD run eagerly inside a compiled model by design
   (``torch.compiler.disable``): a plain ``torch.compile`` (graph breaks allowed) matches eager,
-  and ``fullgraph=True`` raises.
+  and ``fullgraph=True`` raises an error that names the reason.
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 
+import fastflow
 from fastflow import models
 from fastflow import nn as fnn
 from fastflow.nn import initialize_actnorm
@@ -164,11 +176,12 @@ def test_iaf_sample_compiles_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _residual():
+def _residual_image():
+    """Convolutional branches: the blocks' log-det runs on the autograd estimators (eager)."""
     torch.manual_seed(0)
-    model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1, estimator="exact")
-    initialize_actnorm(model, torch.randn(16, 2))
-    return model.eval(), torch.randn(5, 2)
+    model = models.ResidualFlowImage((1, 4, 4), levels=1, blocks_per_level=2, hidden=4)
+    initialize_actnorm(model, torch.randn(8, 1, 4, 4))
+    return model.eval(), torch.randn(3, 1, 4, 4)
 
 
 def _ffjord():
@@ -176,7 +189,7 @@ def _ffjord():
     return models.FFJORD(2, hidden=(8,)).eval(), torch.randn(5, 2)
 
 
-@pytest.mark.parametrize("builder", [_residual, _ffjord], ids=["residual_flow", "ffjord"])
+@pytest.mark.parametrize("builder", [_residual_image, _ffjord], ids=["residual_flow_image", "ffjord"])
 def test_blocks_run_eagerly_inside_compiled_models(builder):
     """Plain torch.compile (graph breaks allowed) of a model whose blocks run eagerly: the
     compiled log_prob equals eager's. (FFJORD: about 20 s here, the slowest case.)"""
@@ -186,13 +199,150 @@ def test_blocks_run_eagerly_inside_compiled_models(builder):
     torch.testing.assert_close(compiled(x).detach(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_residual_flow_breaks_the_graph_at_its_blocks():
-    model, x = _residual()
+def test_autograd_estimator_blocks_break_the_graph():
+    model, x = _residual_image()
+    model.log_prob(x)  # the 3x3 spectral norms are sized at their first call
     explanation = torch._dynamo.explain(model.log_prob)(x)
     # one break per eager block (torch.compiler.disable), the ActNorms and the base compiled
     assert explanation.graph_break_count >= len(model.blocks)
-    with pytest.raises(Exception, match="(?i)disable"):
+    with pytest.raises(Exception, match="(?s)disable.*autograd estimators"):
         torch.compile(model.log_prob, fullgraph=True, backend="aot_eager")(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Residual Flows and i-ResNet on MLP branches: one graph, eager's values, gradients and state
+
+requires_native = pytest.mark.skipif(
+    not fastflow.native_available(), reason="fastflow._C is not built (the native trace operator)"
+)
+
+
+def _unconverged(model):
+    """Spectral norms restarted from random unit vectors, so that the training forward's power
+    iteration visibly moves ``u`` and ``v`` (after the construction's 200 rounds it would not,
+    and a compiled forward that skipped the update would go unnoticed)."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fnn.SpectralNormLinear):
+                for t in (m.u, m.v):
+                    t.copy_(torch.nn.functional.normalize(torch.randn(t.shape, generator=gen), dim=0))
+    return model
+
+
+def _block(kind):
+    torch.manual_seed(0)
+    if kind == "iresnet_series":  # i-ResNet: ELU, no pre-activation, backpropagated series
+        g = fnn.residual_mlp(3, hidden=8, n_hidden=1, activation="elu", preact=False)
+        return _unconverged(fnn.iResBlock(g, "series", "series", n_terms=3, eval_n_terms=4))
+    g = fnn.residual_mlp(3, hidden=8, n_hidden=1)
+    if kind == "roulette":
+        return _unconverged(fnn.iResBlock(g, "roulette", "roulette", n_probes=2))
+    if kind == "series_neumann":
+        return _unconverged(fnn.iResBlock(g, "series", "series", n_terms=3, series_grad="neumann"))
+    return _unconverged(fnn.iResBlock(g, "exact"))
+
+
+def _flow():
+    torch.manual_seed(0)
+    model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)  # roulette; exact in eval
+    initialize_actnorm(model, torch.randn(16, 2))
+    return _unconverged(model)
+
+
+def _tensors(out):
+    return [t for t in _outputs(out)]
+
+
+def _run(model, method, x, compiled):
+    """Two calls (seeds 3 and 4): outputs, last_terms, gradients w.r.t. x and every parameter
+    of ``sum(outputs**2) + 3 sum(last output)``, and the state dict after each call."""
+    fn = getattr(model, method)
+    if compiled:
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    params = list(model.parameters())
+    calls = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        xr = x.clone().requires_grad_()
+        out = _tensors(fn(xr))
+        loss = sum(o.square().sum() for o in out) + 3 * out[-1].sum()
+        grads = torch.autograd.grad(loss, [xr] + params, allow_unused=True)
+        terms = getattr(model, "last_terms", None)
+        state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        calls.append(([o.detach() for o in out], None if terms is None else int(terms), grads, state))
+    return calls
+
+
+def _assert_matches_eager(builder, method, x, train):
+    model = builder().train(train)
+    probe = copy.deepcopy(model)
+    explanation = torch._dynamo.explain(getattr(probe, method))(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, (
+        [str(r.reason) for r in explanation.break_reasons]
+    )
+    compiled_model = copy.deepcopy(model)
+    eager = _run(model, method, x, compiled=False)
+    compiled = _run(compiled_model, method, x, compiled=True)
+    for i, ((eo, et, eg, es), (co, ct, cg, cs)) in enumerate(zip(eager, compiled)):
+        assert et == ct, f"call {i}: last_terms"
+        for k, (a, b) in enumerate(zip(eo, co)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"call {i}: output {k}")
+        for k, (a, b) in enumerate(zip(eg, cg)):
+            assert (a is None) == (b is None), f"call {i}: gradient {k}"
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"call {i}: gradient {k}")
+        assert es.keys() == cs.keys()
+        for k in es:
+            torch.testing.assert_close(cs[k], es[k], rtol=1e-6, atol=1e-7, msg=f"call {i}: {k}")
+
+
+@pytest.mark.parametrize("kind", [
+    pytest.param("roulette", marks=requires_native),
+    pytest.param("series_neumann", marks=requires_native),
+    "iresnet_series",
+    "exact",
+])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_block_fullgraph_matches_eager(kind, train):
+    _assert_matches_eager(lambda: _block(kind), "forward", torch.randn(5, 3), train)
+
+
+@requires_native  # training mode: the roulette on the native trace operator
+@pytest.mark.parametrize("method", ["forward", "log_prob"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_flow_fullgraph_matches_eager(method, train):
+    _assert_matches_eager(_flow, method, torch.randn(5, 2), train)
+
+
+@requires_native
+def test_roulette_draw_is_a_tensor_in_the_graph():
+    """One compilation serves every draw of the roulette's number of terms (a Python int would
+    recompile or break the graph), and each compiled call draws what eager draws."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compilations = []
+
+    def counting(gm, example_inputs):
+        compilations.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    block = _block("roulette").eval()  # eval: no power-iteration update between the calls
+    x = torch.randn(5, 3)
+    compiled = torch.compile(block, fullgraph=True, backend=counting)
+    terms = set()
+    with torch.no_grad():
+        for seed in range(8):
+            torch.manual_seed(seed)
+            _, want = block(x)
+            want_terms = block.last_terms
+            torch.manual_seed(seed)
+            _, got = compiled(x)
+            assert isinstance(block.last_terms, torch.Tensor) and int(block.last_terms) == want_terms
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            terms.add(want_terms)
+    assert len(compilations) == 1
+    assert len(terms) > 1, terms  # the draws differ: nothing was folded into the graph
 
 
 class LogProb(torch.nn.Module):

@@ -1,10 +1,13 @@
 """Tests of the MLP trace operators (fastflow.ops.mlp_trace): native == reference (values and
 the surrogate gradient), gradcheck where the gradient is exact, opcheck, the trace against
-brute-force Jacobian powers, the fixed-point solve, NaN isolation and bad input."""
+brute-force Jacobian powers, the coefficients as tensors (trailing zeros ignored) equal to the
+lists, the forward-mode Jacobian and power traces in PyTorch operations against autograd, the
+fixed-point solve, NaN isolation and bad input."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from fastflow.ops.mlp_trace import (
     mlp_apply_reference,
     mlp_fixed_point,
     mlp_fixed_point_reference,
+    mlp_jacobian,
+    mlp_power_traces,
     mlp_trace,
     mlp_trace_reference,
 )
@@ -177,6 +182,121 @@ def test_opcheck(device):
                 torch.ops.fastflow.mlp_fixed_point.default,
                 (y, [w.detach() for w in ws], net["biases"], betas, code, True, 1e-8, 100),
             )
+
+
+# --------------------------------------------------------------------------------------------
+# coefficients as tensors (mlp_trace.tensor_coeffs)
+
+
+def _padded(values, length):
+    return torch.tensor(list(values) + [0.0] * (length - len(values)), dtype=torch.float64)
+
+
+@requires_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_coefficients_equal_the_lists(device):
+    """Fixed-length tensors, zero past the terms that count: the values and gradients of the
+    float[] operator with those terms, natively and in the reference; the fake kernel and the
+    registered autograd pass opcheck."""
+    if not native_on(device):
+        pytest.skip(f"no native kernels on {device}")
+    net = _net([3, 7, 3], "lipswish", preact=True, batch=4, device=device)
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
+    probes = torch.randn(2, 4, 3, dtype=torch.float64, device=device)
+    for k, n_psi in [(1, 1), (3, 3), (4, 2)]:
+        vc, pc = _series(k)
+        pc = pc[:n_psi]
+        want = _both(x, net, probes, vc, pc)
+        got = _both(x, net, probes, _padded(vc, 9), _padded(pc, 9))
+        for (o1, t1, g1), (o2, t2, g2) in zip(got, want):
+            torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+            torch.testing.assert_close(t1, t2, rtol=1e-13, atol=1e-14)
+            for a, b in zip(g1, g2):
+                if a is None or b is None:
+                    assert (a is None or not a.any()) and (b is None or not b.any())
+                    continue
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    ws = [w.clone().requires_grad_() for w in net["weights"]]
+    args = (x.clone().requires_grad_(), ws, net["biases"], [], [], net["betas"],
+            MLP_ACTIVATIONS["lipswish"], True, probes, _padded([1.0, -0.5], 6),
+            _padded([1.0], 6))
+    torch.library.opcheck(torch.ops.fastflow.mlp_trace.tensor_coeffs, args)
+
+
+@requires_native
+def test_tensor_coefficients_bad_input_names_the_argument():
+    net = _net([3, 5, 3], "elu")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    probes = torch.randn(1, 5, 3, dtype=torch.float64)
+    base = (net["weights"], net["biases"], (), (), None, "elu", False)
+    vc = torch.tensor([1.0, -0.5, 0.0])
+    with pytest.raises(ValueError, match="value_coeffs must be a 1-D floating-point tensor"):
+        mlp_trace(x, *base, probes=probes, value_coeffs=vc[None], psi_coeffs=vc)
+    with pytest.raises(ValueError, match="psi_coeffs must be a 1-D floating-point tensor"):
+        mlp_trace(x, *base, probes=probes, value_coeffs=vc, psi_coeffs=torch.ones(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="both be tensors"):
+        mlp_trace(x, *base, probes=probes, value_coeffs=vc, psi_coeffs=[1.0])
+    with pytest.raises(RuntimeError, match="psi_coeffs may not have a non-zero entry at or past K = 2"):
+        mlp_trace(x, *base, probes=probes, value_coeffs=vc, psi_coeffs=torch.tensor([1.0, 0, 1.0]))
+    with pytest.raises(RuntimeError, match=r"value_coeffs\[1\] must be finite"):
+        mlp_trace(x, *base, probes=probes, value_coeffs=torch.tensor([1.0, math.nan]),
+                  psi_coeffs=torch.tensor([1.0]))
+    with fastflow.backend("reference"):
+        with pytest.raises(ValueError, match="psi_coeffs may not have more entries"):
+            mlp_trace(x, *base, probes=probes, value_coeffs=vc,
+                      psi_coeffs=torch.tensor([1.0, 0, 1.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# forward mode in PyTorch operations (mlp_jacobian, mlp_power_traces)
+
+
+@pytest.mark.parametrize("act,preact,gated", [
+    ("elu", False, False), ("lipswish", True, False), ("tanh", True, True),
+    ("softplus", False, True), ("identity", False, False),
+])
+def test_forward_mode_jacobian_and_power_traces(act, preact, gated):
+    """mlp_jacobian is torch.autograd.functional.jacobian of the network per sample;
+    mlp_power_traces are <v, J^k v> of that Jacobian; both gradcheck (ordinary autograd)."""
+    net = _net([3, 6, 5, 3], act, preact, gated=gated, batch=4)
+    x = torch.randn(4, 3, dtype=torch.float64) * 2
+    kw = dict(biases=net["biases"], betas=net["betas"], activation=act, preact=preact,
+              gates=net["gates"], shifts=net["shifts"])
+    out, J = mlp_jacobian(x, net["weights"], **kw)
+    torch.testing.assert_close(out, mlp_apply_reference(x, net["weights"], **kw))
+    for b in range(4):
+        def row(z, b=b):
+            xb = x.clone()
+            xb[b] = z
+            return mlp_apply_reference(xb, net["weights"], **kw)[b]
+        want = torch.autograd.functional.jacobian(row, x[b])
+        torch.testing.assert_close(J[b], want, rtol=1e-10, atol=1e-12)
+    probes = torch.randn(2, 4, 3, dtype=torch.float64)
+    _, traces = mlp_power_traces(x, net["weights"], probes=probes, n_terms=3, **kw)
+    Jk = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
+    for k in range(3):
+        Jk = J @ Jk
+        want = torch.einsum("pbi,bij,pbj->b", probes, Jk, probes) / 2
+        torch.testing.assert_close(traces[k], want, rtol=1e-10, atol=1e-12)
+
+    ws = [w.clone().requires_grad_() for w in net["weights"]]
+
+    def f(xx, *w):
+        return mlp_jacobian(xx, list(w), **kw)[1], mlp_power_traces(
+            xx, list(w), probes=probes, n_terms=2, **kw)[1]
+
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), *ws))
+
+
+def test_forward_mode_bad_input_names_the_argument():
+    net = _net([3, 5, 3], "elu")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x must be a matrix"):
+        mlp_jacobian(x[None], net["weights"], activation="elu")
+    with pytest.raises(ValueError, match="n_terms"):
+        mlp_power_traces(x, net["weights"], activation="elu", probes=x[None], n_terms=0)
+    with pytest.raises(ValueError, match="probes"):
+        mlp_power_traces(x, net["weights"], activation="elu", probes=x[None, :2], n_terms=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

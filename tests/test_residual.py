@@ -313,10 +313,24 @@ def test_residual_mlp_is_contractive():
         residual_mlp(3, activation="relu")
 
 
+class _Wrapped(nn.Module):
+    """A branch that is not MLP-structured (the same function): the autograd estimators."""
+
+    def __init__(self, g: nn.Module):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return self.g(x)
+
+
 def test_torch_compile_runs_the_block_eagerly():
-    """A compiled block (or a model containing blocks) gives the eager values and gradients:
-    the block itself is excluded from compilation (module docstring: double backward)."""
+    """A compiled block whose log-det runs on the autograd estimators (a branch that is not
+    MLP-structured) gives the eager values and gradients: that part runs eagerly (module
+    docstring: double backward). MLP-structured branches compile into one graph
+    (tests/test_compile_export.py)."""
     block = mlp_block(2, estimator="exact", dtype=torch.float32).eval()
+    block.g = _Wrapped(block.g)
     x = data(8, 2)
     compiled = torch.compile(block, backend="aot_eager")
     grads = []
@@ -629,3 +643,72 @@ def test_native_path_in_no_grad_and_inference_mode():
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(l1, l3, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(y1, y3)
+
+
+# --------------------------------------------------------------------------------------------
+# the roulette's draw, and the MLP paths against the autograd estimators
+
+
+def test_geometric_draw_and_roulette_coefficients():
+    from fastflow.ops.logdet_estimators import (
+        draw_geometric_n, geometric_max_n, roulette_coefficients, roulette_tail_prob,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    n = torch.stack([draw_geometric_n(0.4, generator=gen) for _ in range(4000)])
+    assert n.dtype == torch.int64 and n.shape == (4000,) and int(n.min()) >= 1
+    for m in (1, 2, 3, 5):  # P(N >= m) = 0.6^(m-1), within 4.5 standard errors
+        p_m = 0.6 ** (m - 1)
+        assert abs(float((n >= m).double().mean()) - p_m) <= 4.5 * math.sqrt(p_m * (1 - p_m) / 4000) + 1e-9
+    # the same seed, the same draw; the cap is the largest value the draw can take
+    torch.manual_seed(3)
+    a = draw_geometric_n(0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, draw_geometric_n(0.5))
+    assert geometric_max_n(0.5) == 54 and geometric_max_n(1.0) == 1
+    assert int(torch.stack([draw_geometric_n(0.1, max_n=3) for _ in range(50)]).max()) <= 3
+    assert int(draw_geometric_n(1.0)) == 1
+    # the weights of logdet_roulette for N = 3 after 2 exact terms, zero past them
+    value, psi = roulette_coefficients(torch.tensor(3), n_exact=2, p=0.5)
+    assert value.shape == psi.shape == (2 + 54,) and value.dtype == torch.float64
+    want_v = [(-1) ** (k + 1) / k / roulette_tail_prob(k - 2, "geometric", 0.5) for k in range(1, 6)]
+    want_p = [(-1) ** j / roulette_tail_prob(j - 1, "geometric", 0.5) for j in range(5)]
+    assert value[:5].tolist() == want_v and psi[:5].tolist() == want_p
+    assert not value[5:].any() and not psi[5:].any()
+    with pytest.raises(ValueError, match="n_random must be a 0-d tensor"):
+        roulette_coefficients(3, n_exact=2)
+    with pytest.raises(ValueError, match="max_n"):
+        draw_geometric_n(0.5, max_n=0)
+    with pytest.raises(ValueError, match="geometric p"):
+        draw_geometric_n(1.5)
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("exact", {}), ("series", dict(n_terms=4)), ("series", dict(n_terms=3, n_probes=2)),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_mlp_paths_match_the_autograd_estimators(kind, kwargs, train):
+    """The exact log-det by the forward-mode Jacobian and the series with the backpropagated
+    gradient by forward-mode products (MLP-structured branch) give the autograd estimators'
+    values, gradients (x and every parameter) and spectral-norm state, with the same probes."""
+    import copy
+
+    block = mlp_block(3, estimator=kind, eval_estimator=kind, **kwargs).train(train)
+    other = copy.deepcopy(block)
+    other.g = _Wrapped(other.g)
+    x = data(6, 3, torch.float64)
+    out = []
+    for b in (block, other):
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        y, logdet = b(xg)
+        (y.square().sum() + 3 * logdet.sum()).backward()
+        out.append((y.detach(), logdet.detach(), b.last_terms, xg.grad,
+                    [p.grad for p in b.parameters()], [t.clone() for t in b.buffers()]))
+    (y1, l1, t1, gx1, gp1, s1), (y2, l2, t2, gx2, gp2, s2) = out
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
+    assert t1 == t2
+    torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-11)
+    for a, b in zip(gp1 + s1, gp2 + s2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

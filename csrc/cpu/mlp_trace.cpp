@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "fastflow/mlp_trace.h"
 #include "fastflow/vec_math.h"
@@ -519,6 +521,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_impl(
   return {out, trace, psi.view({P, B, D})};
 }
 
+namespace {
+
+// The entries of a 1-D coefficient tensor as doubles, up to its last non-zero one.
+std::vector<double> host_coeffs(const at::Tensor& c, const char* name) {
+  TORCH_CHECK(c.dim() == 1, "fastflow: ", name, " must be a 1-D tensor, got shape ", c.sizes());
+  TORCH_CHECK(at::isFloatingType(c.scalar_type()), "fastflow: ", name,
+              " must be a floating-point tensor, got ", c.scalar_type());
+  const at::Tensor h = c.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = h.data_ptr<double>();
+  const int64_t n = h.numel();
+  int64_t last = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(std::isfinite(p[i]), "fastflow: ", name, "[", i, "] must be finite, got ", p[i]);
+    if (p[i] != 0) {
+      last = i + 1;
+    }
+  }
+  return std::vector<double>(p, p + last);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_tensor_coeffs_impl(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
+    at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
+    const at::Tensor& probes, const at::Tensor& value_coeffs, const at::Tensor& psi_coeffs) {
+  const std::vector<double> value = host_coeffs(value_coeffs, "value_coeffs");
+  const std::vector<double> psi = host_coeffs(psi_coeffs, "psi_coeffs");
+  TORCH_CHECK(psi.size() <= value.size(), "fastflow: psi_coeffs may not have a non-zero entry "
+              "at or past K = ", value.size(), " (1 + the index of the last non-zero entry of "
+              "value_coeffs), got one at index ", psi.size() - 1);
+  return mlp_trace_forward_impl(x, weights, biases, gates, shifts, betas, act, preact, probes,
+                                value, psi);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, at::Tensor>
 mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_trace,
@@ -662,6 +699,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_cpu(
                                 value_coeffs, psi_coeffs);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_tensor_coeffs_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
+    at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
+    const at::Tensor& probes, const at::Tensor& value_coeffs, const at::Tensor& psi_coeffs) {
+  mlp_trace_check_cpu(x);
+  return mlp_trace_forward_tensor_coeffs_impl(x, weights, biases, gates, shifts, betas, act,
+                                              preact, probes, value_coeffs, psi_coeffs);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, at::Tensor>
 mlp_trace_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_trace,
@@ -728,14 +774,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_fixed_point_cpu(
 // FFJORD calls the operator once per function evaluation of its ODE solves.
 
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+c10::TypedOperatorHandle<Sig> find_op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Sig>();
 }
 
+// Coeffs: at::ArrayRef<double> (mlp_trace) or const at::Tensor& (mlp_trace.tensor_coeffs).
+template <typename Coeffs>
 using TraceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-    const at::Tensor&, int64_t, bool, const at::Tensor&, at::ArrayRef<double>,
-    at::ArrayRef<double>);
+    const at::Tensor&, int64_t, bool, const at::Tensor&, Coeffs, Coeffs);
+
+template <typename Coeffs>
+constexpr const char* trace_overload() {
+  return std::is_same_v<Coeffs, at::ArrayRef<double>> ? "" : "tensor_coeffs";
+}
 using TraceBackwardSig =
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>(
@@ -743,14 +795,17 @@ using TraceBackwardSig =
         at::TensorList, at::TensorList, const at::Tensor&, int64_t, bool, const at::Tensor&,
         const at::Tensor&);
 
-class MlpTrace : public torch::autograd::Function<MlpTrace> {
+// The backward does not read the coefficients (psi is saved), so both overloads share it.
+template <typename Coeffs>
+class MlpTrace : public torch::autograd::Function<MlpTrace<Coeffs>> {
  public:
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
       at::TensorList biases, at::TensorList gates, at::TensorList shifts, const at::Tensor& betas,
-      int64_t act, bool preact, const at::Tensor& probes, at::ArrayRef<double> value_coeffs,
-      at::ArrayRef<double> psi_coeffs) {
-    static const auto op = find_op<TraceSig>("fastflow::mlp_trace");
+      int64_t act, bool preact, const at::Tensor& probes, Coeffs value_coeffs,
+      Coeffs psi_coeffs) {
+    static const auto op =
+        find_op<TraceSig<Coeffs>>("fastflow::mlp_trace", trace_overload<Coeffs>());
     at::Tensor out, trace, psi;
     {
       const at::AutoDispatchBelowADInplaceOrView guard;
@@ -824,8 +879,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_autograd(
     at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
     const at::Tensor& probes, at::ArrayRef<double> value_coeffs,
     at::ArrayRef<double> psi_coeffs) {
-  auto out = MlpTrace::apply(x, weights, biases, gates, shifts, betas, act, preact, probes,
-                             value_coeffs, psi_coeffs);
+  auto out = MlpTrace<at::ArrayRef<double>>::apply(x, weights, biases, gates, shifts, betas, act,
+                                                   preact, probes, value_coeffs, psi_coeffs);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_tensor_coeffs_autograd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
+    at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
+    const at::Tensor& probes, const at::Tensor& value_coeffs, const at::Tensor& psi_coeffs) {
+  auto out = MlpTrace<const at::Tensor&>::apply(x, weights, biases, gates, shifts, betas, act,
+                                                preact, probes, value_coeffs, psi_coeffs);
   return {out[0], out[1], out[2]};
 }
 
@@ -846,11 +910,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_fixed_point_autograd(
 
 TORCH_LIBRARY_IMPL(fastflow, Autograd, m) {
   m.impl("mlp_trace", &mlp_trace_autograd);
+  m.impl("mlp_trace.tensor_coeffs", &mlp_trace_tensor_coeffs_autograd);
   m.impl("mlp_fixed_point", &mlp_fixed_point_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fastflow, CPU, m) {
   m.impl("mlp_trace", &mlp_trace_forward_cpu);
+  m.impl("mlp_trace.tensor_coeffs", &mlp_trace_forward_tensor_coeffs_cpu);
   m.impl("mlp_trace_backward", &mlp_trace_backward_cpu);
   m.impl("mlp_fixed_point", &mlp_fixed_point_cpu);
 }

@@ -164,6 +164,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_cuda(
                                 value_coeffs, psi_coeffs);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_tensor_coeffs_cuda(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
+    at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
+    const at::Tensor& probes, const at::Tensor& value_coeffs, const at::Tensor& psi_coeffs) {
+  check_cuda(x, "x", "mlp_trace");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return mlp_trace_forward_tensor_coeffs_impl(x, weights, biases, gates, shifts, betas, act,
+                                              preact, probes, value_coeffs, psi_coeffs);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, at::Tensor>
 mlp_trace_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad_trace,
@@ -240,6 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_fixed_point_cuda(
 
 TORCH_LIBRARY_IMPL(fastflow, CUDA, m) {
   m.impl("mlp_trace", &mlp_trace_cuda);
+  m.impl("mlp_trace.tensor_coeffs", &mlp_trace_tensor_coeffs_cuda);
   m.impl("mlp_trace_backward", &mlp_trace_backward_cuda);
   m.impl("mlp_fixed_point", &mlp_fixed_point_cuda);
 }

@@ -24,26 +24,55 @@ Contract (DESIGN.md, "Points the contract settles"):
   the whole inverse (no power-iteration update of spectral norms, no dropout), so an inverse
   never changes the module's state.
 * Diagnostics, as attributes after a call: ``last_estimator`` and ``last_terms`` (the kind used
-  and its number of power-series terms per probe, ``D`` for the exact Jacobian) after a forward
+  and its number of power-series terms per probe, ``D`` for the exact Jacobian; a 0-d tensor for
+  the roulette inside a compiled graph, see below) after a forward
   or an inverse; ``last_solve`` (a :class:`~fastflow.ops.fixed_point.FixedPointResult`),
   ``last_iterations``, ``last_residual`` and ``last_converged`` (per sample) after an inverse.
 
-The log-det needs autograd (vector-Jacobian products), so the block turns it on for its own
-computation under ``torch.no_grad()`` and ``torch.inference_mode()`` and returns tensors without
-a graph there.
+Under ``torch.no_grad()`` and ``torch.inference_mode()`` the block returns tensors without a
+graph; the autograd estimators (below) need vector-Jacobian products, so they turn autograd on
+for their own computation there.
 
-Native path: when ``g`` is an MLP the operators of :mod:`fastflow.ops.mlp_trace` take
-(:func:`mlp_structure`: what :func:`residual_mlp` builds), the "roulette" estimator and the
-"series" estimator with ``series_grad="neumann"`` run on the native trace operator
-(forward-mode products through the known layers, a hand-written Neumann-series backward that
-keeps only each layer's pre-activation input; ``memory_efficient`` has nothing left to save
-there and is ignored), and the inverse's forward solve on the native fixed-point operator.
-Other branches, the exact log-det and ``series_grad="backprop"`` use the autograd estimators.
+MLP-structured branches: when ``g`` is an MLP the operators of :mod:`fastflow.ops.mlp_trace`
+take (:func:`mlp_structure`: what :func:`residual_mlp` builds) and the input is ``[B, D]``, the
+block reads the layers' tensors once (spectral norms normalised, with their power-iteration
+update in training mode) and never calls ``torch.autograd.grad``:
 
-``torch.compile``: a block runs eagerly inside a compiled model (``torch.compiler.disable``).
-The autograd estimators call ``torch.autograd.grad`` on ``g``'s graph with ``create_graph``,
-which dynamo cannot capture (graph break) and AOT autograd cannot differentiate again (no
-double backward through a compiled region).
+* ``"exact"``: the per-sample Jacobian by forward-mode products in PyTorch operations
+  (:func:`~fastflow.ops.mlp_trace.mlp_jacobian`) and ``slogdet(I + J)``;
+* ``"roulette"`` (with ``neumann_grad``), ``"series"`` with ``series_grad="neumann"``, and any
+  kind's value without a gradient: the native trace operator (forward-mode products through the
+  known layers, a hand-written Neumann-series backward that keeps only each layer's
+  pre-activation input; ``memory_efficient`` has nothing left to save there and is ignored);
+* ``"series"`` with the backpropagated gradient (i-ResNet): the truncated series' forward-mode
+  products in PyTorch operations (:func:`~fastflow.ops.mlp_trace.mlp_power_traces`),
+  differentiated by ordinary autograd.
+
+The inverse's forward solve runs on the native fixed-point operator. Other branches
+(convolutional ones, any other module), ``"roulette"`` with ``neumann_grad=False``, and the
+Neumann gradients where the native operator is not used (``fastflow.backend("reference")``, no
+extension) use the autograd estimators of :mod:`fastflow.ops.logdet_estimators`.
+
+Roulette draws: the number of extra terms ``N`` is geometric, drawn by
+:func:`~fastflow.ops.logdet_estimators.draw_geometric_n` as a 0-d CPU tensor (one
+``torch.rand`` draw from torch's default CPU generator, the same on every path, so a seed gives
+the same ``N`` natively, in the reference and in a compiled graph) and capped at
+:func:`~fastflow.ops.logdet_estimators.geometric_max_n` (``54`` for ``p = 0.5``; the largest
+value the draw can take, so the cap never changes the estimate). On the native path the term
+weights are fixed-length tensors that are zero past the drawn terms
+(:func:`~fastflow.ops.logdet_estimators.roulette_coefficients`).
+
+``torch.compile``: on an MLP-structured branch with a 2-D input, ``forward`` of the block, and
+``forward`` and ``log_prob`` of :class:`ResidualFlow`, compile into one graph
+(``fullgraph=True`` works) in training and eval mode for every case of the list above, and match
+eager: the same seed gives the same roulette draw, values and gradients, and the same
+spectral-norm buffers after the call (their power-iteration update is part of the graph). The
+roulette's ``N`` stays a tensor in the graph (no recompilation per draw); ``last_terms`` is then
+a 0-d int64 tensor (an ``int`` in eager mode). The autograd estimators (the other cases) run
+eagerly (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them,
+and ``fullgraph=True`` raises an error that names the reason. Their ``torch.autograd.grad``
+with ``create_graph`` is not traced by dynamo, and AOT-compiled graphs do not differentiate
+twice. :meth:`iResBlock.inverse` (the fixed-point solve) always runs eagerly.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. "Invertible Residual Networks" (2019),
@@ -69,8 +98,8 @@ from fastflow._checks import on_fail as _check_on_fail
 from fastflow._checks import positive_float as _check_positive_float
 from fastflow.ops.fixed_point import FixedPointResult, fixed_point_inverse
 from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette, logdet_series
-from fastflow.ops.logdet_estimators import draw_roulette_n, roulette_tail_prob, sample_probes
-from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_trace
+from fastflow.ops.logdet_estimators import draw_geometric_n, roulette_coefficients, sample_probes
+from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_traces, mlp_trace
 from fastflow import _native
 
 __all__ = [
@@ -190,7 +219,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         n_terms: power-series terms of ``"series"`` in training mode (i-ResNet: 5).
         n_exact: terms always computed by ``"roulette"`` in training mode (Residual Flows: 2).
         geometric_p: success probability of the roulette's geometric number of extra terms
-            (0.5: ``n_exact + 2`` terms on average).
+            (0.5: ``n_exact + 2`` terms on average; drawn as a tensor and capped at
+            :func:`~fastflow.ops.logdet_estimators.geometric_max_n`, module docstring).
         n_probes: Hutchinson probes per estimate.
         probe: ``"gaussian"`` or ``"rademacher"``.
         eval_n_terms: in eval mode, the terms of ``"series"`` and the exact terms of
@@ -382,7 +412,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             )
             return ld, n
         n_exact = self.n_exact if self.training else self.eval_n_terms
-        n_random = draw_roulette_n("geometric", self.geometric_p)
+        n_random = int(draw_geometric_n(self.geometric_p))  # the MLP path's draw (same RNG use)
         ld = logdet_roulette(
             x, gx, n_exact=n_exact, p=self.geometric_p, n_random=n_random,
             n_probes=self.n_probes, probe=self.probe,
@@ -391,35 +421,25 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         )
         return ld, n_exact + n_random
 
-    def _native_structure(self, kind: str, x: Tensor, need: bool):
-        """The branch's MLP structure when this call runs on the native trace operator."""
-        if kind == "exact" or x.dim() != 2:
+    def _mlp_route(self, kind: str, x: Tensor, need: bool) -> str | None:
+        """How this call runs when ``g`` is MLP-structured (:func:`mlp_structure`): ``"jacobian"``
+        (exact, forward-mode Jacobian), ``"native"`` (the trace operator: any kind's value, the
+        Neumann gradients), ``"series"`` (the truncated series in PyTorch operations,
+        backpropagated gradient), or None (the autograd estimators, eagerly)."""
+        if x.dim() != 2 or mlp_structure(self.g) is None:
             return None
-        if need and not (
-            (kind == "roulette" and self.neumann_grad)
-            or (kind == "series" and self.series_grad == "neumann")
-        ):
-            return None  # a gradient by backpropagation through the terms: the reference
-        structure = mlp_structure(self.g)
-        if structure is None or not _native.use_native("mlp_trace", x):
-            return None
-        return structure
-
-    def _coefficients(self, kind: str) -> tuple[list[float], list[float]]:
-        """The series' term weights and the Neumann gradient's (fastflow.ops.mlp_trace)."""
-        if kind == "series":
-            n = self.n_terms if self.training else self.eval_n_terms
-            return [(-1) ** (k + 1) / k for k in range(1, n + 1)], [(-1) ** j for j in range(n)]
-        n_exact = self.n_exact if self.training else self.eval_n_terms
-        n_total = n_exact + draw_roulette_n("geometric", self.geometric_p)
-        p = self.geometric_p
-
-        def tail(m: int) -> float:
-            return roulette_tail_prob(m, "geometric", p)
-
-        value = [(-1) ** (k + 1) / k / tail(k - n_exact) for k in range(1, n_total + 1)]
-        psi = [(-1) ** j / tail(j + 1 - n_exact) for j in range(n_total)]
-        return value, psi
+        if kind == "exact":
+            return "jacobian"
+        neumann = (kind == "roulette" and self.neumann_grad) or (
+            kind == "series" and self.series_grad == "neumann"
+        )
+        if (neumann or not need) and _native.use_native("mlp_trace", x):
+            return "native"
+        if kind == "series" and not (need and neumann):
+            return "series"
+        # the roulette's backpropagated gradient differentiates a random number of products;
+        # the Neumann gradients without the native operator: the autograd estimators
+        return None
 
     def _native_solver(self, y: Tensor):
         """The native fixed-point solve of an MLP-structured branch (fastflow.ops.mlp_trace),
@@ -441,33 +461,72 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
 
         return solve
 
-    def _transform_native(self, kind: str, x: Tensor, structure) -> tuple[Tensor, Tensor] | None:
+    def _transform_mlp(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor] | None:
+        """The call on an MLP-structured branch (:meth:`_mlp_route`), in operations that
+        ``torch.compile`` traces into one graph; None where it does not apply."""
+        route = self._mlp_route(kind, x, need)
+        if route is None:
+            return None
+        structure = mlp_structure(self.g)
         tensors = _mlp_tensors(structure, x.dtype)
         if tensors is None:
-            return None
+            return None  # mixed dtypes (autocast): the autograd estimators
         weights, biases, betas = tensors
-        value, psi = self._coefficients(kind)
-        probes = sample_probes(x, self.n_probes, self.probe)
-        gx, logdet = mlp_trace(
-            x, weights, biases, (), (), betas, structure[0], structure[1],
-            probes=probes, value_coeffs=value, psi_coeffs=psi,
-        )
-        self.last_estimator, self.last_terms = kind, len(value)
+        act, preact = structure[0], structure[1]
+        n_series = self.n_terms if self.training else self.eval_n_terms
+        terms: int | Tensor
+        if route == "jacobian":
+            gx, J = mlp_jacobian(x, weights, biases, betas, act, preact)
+            J = J.to(torch.promote_types(J.dtype, torch.float32))
+            eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+            logdet = torch.linalg.slogdet(eye + J).logabsdet
+            terms = x.shape[1]
+        elif route == "series":
+            probes = sample_probes(x, self.n_probes, self.probe)
+            gx, traces = mlp_power_traces(
+                x, weights, biases, betas, act, preact, probes=probes, n_terms=n_series
+            )
+            coeffs = torch.tensor(
+                [(-1) ** (k + 1) / k for k in range(1, n_series + 1)],
+                dtype=traces.dtype, device=traces.device,
+            )
+            logdet = (coeffs[:, None] * traces).sum(0)
+            terms = n_series
+        else:
+            if kind == "series":
+                value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
+                psi: Any = [(-1) ** j for j in range(n_series)]
+                terms = n_series
+            else:
+                # the number of terms as a tensor (a Python int would be a graph break or a
+                # recompilation per draw): fixed-length coefficients, zero past the draw
+                n_exact = self.n_exact if self.training else self.eval_n_terms
+                n_random = draw_geometric_n(self.geometric_p)
+                value, psi = roulette_coefficients(n_random, n_exact, self.geometric_p)
+                terms = n_random + n_exact
+                if not torch.compiler.is_compiling():
+                    terms = int(terms)  # a CPU tensor: no device synchronisation
+            probes = sample_probes(x, self.n_probes, self.probe)
+            gx, logdet = mlp_trace(
+                x, weights, biases, (), (), betas, act, preact,
+                probes=probes, value_coeffs=value, psi_coeffs=psi,
+            )
+        self.last_estimator, self.last_terms = kind, terms
         return x + gx, logdet
 
-    # Eager under torch.compile: the estimators differentiate g's graph again (VJPs with
-    # create_graph), which AOT-compiled graphs do not support (no double backward, donated
-    # buffers); a compiled model runs its blocks eagerly and the rest compiled.
-    @torch.compiler.disable
-    def _transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        kind = self.active_estimator(x[0].numel())
-        params = self._params()
-        need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
-        structure = self._native_structure(kind, x, need)
-        if structure is not None:
-            out = self._transform_native(kind, x, structure)
-            if out is not None:
-                return out
+    # Eager under torch.compile: the autograd estimators differentiate g's graph again (VJPs
+    # with create_graph), which dynamo does not capture and AOT-compiled graphs do not support
+    # (no double backward, donated buffers).
+    @torch.compiler.disable(
+        reason="fastflow iResBlock: this log-det runs on the autograd estimators "
+        "(torch.autograd.grad with create_graph), which torch.compile does not trace; only "
+        "MLP-structured branches (fastflow.nn.residual.mlp_structure) on 2-D inputs compile "
+        "into one graph, and there not the 'roulette' estimator with neumann_grad=False nor, "
+        "without the native extension, the Neumann gradients (fastflow.nn.residual docstring)"
+    )
+    def _transform_autograd(
+        self, kind: str, x: Tensor, need: bool, params: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Tensor]:
         with _autograd_on() as inference:
             if need and x.requires_grad:
                 xg = x
@@ -484,6 +543,15 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         if need:
             return x + gx, logdet
         return (x + gx.detach()), logdet.detach()
+
+    def _transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kind = self.active_estimator(x[0].numel())
+        params = self._params()
+        need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
+        out = self._transform_mlp(kind, x, need)
+        if out is not None:
+            return out
+        return self._transform_autograd(kind, x, need, params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(x + g(x), log det(I + J_g(x)))``, the log-det an estimate of the active kind."""

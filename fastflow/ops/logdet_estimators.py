@@ -52,6 +52,14 @@ implementation (the native Hutchinson operator) can be compared exactly. ``N`` i
 CPU (``generator`` when it is a CPU generator, else torch's default CPU generator), so drawing it
 never synchronises with an accelerator.
 
+For a compiled graph, where a per-call random Python value would be a graph break or a
+recompilation: :func:`draw_geometric_n` draws a geometric ``N`` as a 0-d CPU tensor (by the
+inverse CDF of one ``torch.rand`` draw, capped at :func:`geometric_max_n`, a value the draw
+never exceeds), and :func:`roulette_coefficients` turns it into fixed-length weight tensors that
+are zero past the drawn terms (the tensor-coefficient form of
+:func:`fastflow.ops.mlp_trace.mlp_trace`). :class:`~fastflow.nn.iResBlock` draws its ``N`` this
+way on every path.
+
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. "Invertible Residual Networks" (2019),
     https://arxiv.org/abs/1811.00995.
@@ -84,6 +92,9 @@ __all__ = [
     "logdet_roulette",
     "roulette_tail_prob",
     "draw_roulette_n",
+    "geometric_max_n",
+    "draw_geometric_n",
+    "roulette_coefficients",
     "sample_probes",
 ]
 
@@ -280,6 +291,74 @@ def draw_roulette_n(
             return 1
         return int(torch.empty((), dtype=torch.float64).geometric_(p, generator=gen))
     return int(torch.poisson(torch.tensor(float(rate), dtype=torch.float64), generator=gen))
+
+
+def geometric_max_n(p: float) -> int:
+    """The largest value :func:`draw_geometric_n` can return for success probability ``p``.
+
+    The draw inverts the CDF at ``u = 1 - torch.rand(())`` (float64, a multiple of ``2^-53`` in
+    ``(0, 1]``), so ``N <= 1 + floor(53 log 2 / -log(1 - p))`` (54 for ``p = 0.5``): a cap at
+    this value never changes a draw, and the roulette stays unbiased.
+    """
+    _check_dist("geometric", p, 1.0)
+    if p == 1:
+        return 1
+    return 1 + int(math.floor(53 * math.log(2) / -math.log1p(-p)))
+
+
+def draw_geometric_n(
+    p: float = 0.5, max_n: int | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """One draw of the roulette's geometric ``N`` on ``{1, 2, ...}`` (``P(N >= m) = (1 -
+    p)^(m - 1)``) as a 0-d int64 CPU tensor: no Python value, so a compiled graph can hold it.
+
+    By the inverse CDF, ``N = 1 + floor(log(u) / log(1 - p))`` with ``u = 1 - torch.rand(())``
+    in float64 on the CPU (``generator`` when it is a CPU generator; drawing never synchronises
+    with an accelerator), capped at ``max_n`` (default and largest: :func:`geometric_max_n`).
+    """
+    _check_dist("geometric", p, 1.0)
+    cap = geometric_max_n(p)
+    if max_n is not None:
+        cap = min(_check_int(max_n, "max_n", 1), cap)
+    if p == 1:
+        return torch.ones((), dtype=torch.int64)
+    gen = generator if generator is not None and generator.device.type == "cpu" else None
+    u = 1 - torch.rand((), dtype=torch.float64, generator=gen)
+    n = 1 + torch.floor(torch.log(u) / math.log1p(-p))
+    return n.clamp(1, cap).to(torch.int64)
+
+
+def roulette_coefficients(
+    n_random: Tensor, n_exact: int, p: float = 0.5, max_n: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The geometric roulette's term weights as fixed-length float64 CPU tensors, zero past the
+    drawn number of terms: ``(value, psi)``, each ``[n_exact + max_n]``.
+
+    ``value[k-1] = (-1)^(k+1) / k / P(N >= k - n_exact)`` and ``psi[j] = (-1)^j / P(N >= j + 1 -
+    n_exact)`` (the Neumann gradient's weights, module docstring) for ``k, j + 1 <= n_exact +
+    n_random``, else 0: the coefficients of :func:`fastflow.ops.mlp_trace.mlp_trace` with tensor
+    coefficients, whose trailing zeros do not count. ``n_random`` is a 0-d integer tensor
+    (:func:`draw_geometric_n`), ``max_n`` the largest it can be (default
+    :func:`geometric_max_n`). Traceable by ``torch.compile``: no value of ``n_random`` is read.
+    """
+    n_exact = _check_int(n_exact, "n_exact", 0)
+    _check_dist("geometric", p, 1.0)
+    max_n = geometric_max_n(p) if max_n is None else _check_int(max_n, "max_n", 1)
+    if not isinstance(n_random, Tensor) or n_random.dim() != 0:
+        raise ValueError(
+            f"n_random must be a 0-d tensor (draw_geometric_n), got "
+            f"{tuple(n_random.shape) if isinstance(n_random, Tensor) else type(n_random).__name__}"
+        )
+    size = n_exact + max_n
+    value = [(-1) ** (k + 1) / k / roulette_tail_prob(k - n_exact, "geometric", p)
+             for k in range(1, size + 1)]
+    psi = [(-1) ** j / roulette_tail_prob(j + 1 - n_exact, "geometric", p) for j in range(size)]
+    n_total = n_random.to(torch.int64) + n_exact
+    k = torch.arange(1, size + 1)
+    zero = torch.zeros((), dtype=torch.float64)
+    value_t = torch.where(k <= n_total, torch.tensor(value, dtype=torch.float64), zero)
+    psi_t = torch.where(k <= n_total, torch.tensor(psi, dtype=torch.float64), zero)
+    return value_t, psi_t
 
 
 class _GradInForward(torch.autograd.Function):

@@ -34,9 +34,24 @@ backward recomputes the primal and one tangent pass (along ``psi``) and runs one
 through both, which needs the activations' second derivatives; nothing but ``x``, the layers'
 tensors, the probes and ``psi`` is saved.
 
+Coefficients as tensors: ``value_coeffs`` and ``psi_coeffs`` may also be 1-D tensors (the
+operator overload ``mlp_trace.tensor_coeffs``), of which only the entries up to the last non-zero
+one count (``K`` is one plus the index of the last non-zero value coefficient). A fixed-length
+tensor with trailing zeros then carries a number of terms that is only known at run time
+(Residual Flows' Russian roulette inside a compiled graph: the count is a tensor, not a Python
+value, and the operator's output shapes do not depend on it). The kernel reads them on the host:
+CPU tensors cost no device synchronisation.
+
 The reference (:func:`mlp_trace_reference`, the oracle of the tests and the fallback) is the same
 function written with autograd: ``J t`` by the double-vector-Jacobian trick, the surrogate's
 gradient by autograd through it.
+
+:func:`mlp_jacobian` (the per-sample Jacobian ``J``, ``[B, D, D]``) and
+:func:`mlp_power_traces` (``mean_p <v_p, J^k v_p>`` for ``k = 1 .. K``) run the same forward-mode
+products in PyTorch operations, without ``torch.autograd.grad``: differentiable by ordinary
+autograd (a gradient by backpropagation through every product) and traceable by
+``torch.compile`` (:class:`~fastflow.nn.iResBlock`'s exact log-det and its truncated series with
+the backpropagated gradient).
 
 :func:`mlp_fixed_point` solves ``x + g(x) = y`` per sample with the stop test of
 :func:`~fastflow.ops.fixed_point.fixed_point_inverse` (``max_j |x_k - x_{k-1}| / (1 + |y_j|) <=
@@ -70,6 +85,8 @@ __all__ = [
     "mlp_apply_reference",
     "mlp_fixed_point",
     "mlp_fixed_point_reference",
+    "mlp_jacobian",
+    "mlp_power_traces",
     "mlp_trace",
     "mlp_trace_reference",
 ]
@@ -166,9 +183,28 @@ def _check_net(
     return weights, biases, gates, shifts, betas, MLP_ACTIVATIONS[activation], preact
 
 
+def _check_coeff_tensor(value: Tensor, name: str) -> Tensor:
+    if value.dim() != 1 or not value.is_floating_point():
+        raise ValueError(
+            f"{name} must be a 1-D floating-point tensor (or a list of numbers), got shape "
+            f"{tuple(value.shape)} and dtype {value.dtype}"
+        )
+    return value
+
+
+def _host_coeffs(value: Tensor) -> list[float]:
+    """A coefficient tensor's entries up to its last non-zero one (a host read)."""
+    out = [float(c) for c in value.detach().cpu().tolist()]
+    while out and out[-1] == 0:
+        out.pop()
+    return out
+
+
 def _check_coeffs(value: Any, name: str) -> list[float]:
-    if isinstance(value, (Tensor, str)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a list of numbers, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        return _check_coeffs(_host_coeffs(_check_coeff_tensor(value, name)), name)
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list of numbers or a 1-D tensor, got {type(value).__name__}")
     out = []
     for i, c in enumerate(value):
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
@@ -202,6 +238,11 @@ def _check_trace_args(x, weights, biases, gates, shifts, betas, activation, prea
         x, "x", weights, biases, gates, shifts, betas, activation, preact
     )
     probes = _check_probes(probes, x)
+    if isinstance(value_coeffs, Tensor) and isinstance(psi_coeffs, Tensor):
+        # the values are read by the kernel (checked there): no host read here
+        return (weights, biases, gates, shifts, betas, code, preact, probes,
+                _check_coeff_tensor(value_coeffs, "value_coeffs"),
+                _check_coeff_tensor(psi_coeffs, "psi_coeffs"))
     value_coeffs = _check_coeffs(value_coeffs, "value_coeffs")
     psi_coeffs = _check_coeffs(psi_coeffs, "psi_coeffs")
     if len(psi_coeffs) > len(value_coeffs):
@@ -260,6 +301,134 @@ def mlp_apply_reference(
     return _apply(x, weights, biases, gates, shifts, betas, code, preact)
 
 
+def _act_deriv(code: int, z: Tensor, beta: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(act(z), act'(z))`` in PyTorch operations (differentiable again by autograd)."""
+    if code == 1:  # ELU, alpha = 1: exp(min(z, 0)) is 1 for z > 0 and never overflows
+        return F.elu(z), torch.exp(z.clamp(max=0))
+    if code == 2:
+        s = torch.sigmoid(beta * z)
+        return z * s / _LIPSWISH_DIV, (s + beta * z * s * (1 - s)) / _LIPSWISH_DIV
+    if code == 3:
+        h = torch.tanh(z)
+        return h, 1 - h * h
+    if code == 4:  # softplus, beta = 1, threshold 20 (linear above it, as F.softplus)
+        return F.softplus(z), torch.where(z > 20, torch.ones_like(z), torch.sigmoid(z))
+    return z, torch.ones_like(z)
+
+
+def _linearize(x, weights, biases, gates, shifts, betas, code, preact):
+    """``g(x)`` and, per layer, the activation's derivative at its input (None: no activation)."""
+    h = x
+    derivs: list[Tensor | None] = []
+    i_act = 0
+    for l, w in enumerate(weights):
+        d = None
+        if code != 0 and (l > 0 or preact):
+            h, d = _act_deriv(code, h, betas[i_act] if code == 2 else None)
+            i_act += 1
+        derivs.append(d)
+        h = F.linear(h, w, biases[l] if biases else None)
+        if gates:
+            h = h * gates[l]
+        if shifts:
+            h = h + shifts[l]
+    return h, derivs
+
+
+def _jvp(t: Tensor, weights, gates, derivs) -> Tensor:
+    """``J t`` for tangents ``t`` of shape ``[..., B, D]`` (one forward-mode pass)."""
+    for l, w in enumerate(weights):
+        if derivs[l] is not None:
+            t = t * derivs[l]
+        t = F.linear(t, w)
+        if gates:
+            t = t * gates[l]
+    return t
+
+
+def mlp_jacobian(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor] = (),
+    betas: Tensor | None = None,
+    activation: str = "lipswish",
+    preact: bool = False,
+    gates: Sequence[Tensor] = (),
+    shifts: Sequence[Tensor] = (),
+) -> tuple[Tensor, Tensor]:
+    """``(g(x), J)`` with ``J[b, i, j] = d g(x)[b, i] / d x[b, j]``, ``[B, D, D]``.
+
+    Forward mode in PyTorch operations: the ``D`` basis tangents pushed through the layers at
+    once (memory ``D`` times the activations'), no ``torch.autograd.grad``; differentiable
+    w.r.t. ``x`` and the layers' tensors by autograd, and traceable by ``torch.compile``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> w = [torch.randn(8, 3), torch.randn(3, 8)]
+        >>> x = torch.randn(4, 3)
+        >>> out, J = mlp_jacobian(x, w, activation="tanh")
+        >>> J.shape
+        torch.Size([4, 3, 3])
+        >>> J0 = torch.autograd.functional.jacobian(
+        ...     lambda v: mlp_apply_reference(v[None], w, activation="tanh")[0], x[0])
+        >>> torch.allclose(J[0], J0, atol=1e-5)
+        True
+    """
+    weights, biases, gates, shifts, betas, code, preact = _check_net(
+        x, "x", weights, biases, gates, shifts, betas, activation, preact
+    )
+    out, derivs = _linearize(x, weights, biases, gates, shifts, betas, code, preact)
+    b, d = x.shape
+    basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, b, d)
+    cols = _jvp(basis, weights, gates, derivs)  # cols[j, b] = J[b] e_j
+    return out, cols.permute(1, 2, 0)
+
+
+def mlp_power_traces(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor] = (),
+    betas: Tensor | None = None,
+    activation: str = "lipswish",
+    preact: bool = False,
+    *,
+    probes: Tensor,
+    n_terms: int,
+    gates: Sequence[Tensor] = (),
+    shifts: Sequence[Tensor] = (),
+) -> tuple[Tensor, Tensor]:
+    """``(g(x), traces)`` with ``traces[k-1] = mean_p <v_p, J^k v_p>``, ``k = 1 .. n_terms``,
+    ``[n_terms, B]`` (float32 or wider).
+
+    The forward-mode products of :func:`mlp_trace` in PyTorch operations (no
+    ``torch.autograd.grad``): a gradient by ordinary autograd backpropagates through every
+    product (i-ResNet's gradient of the truncated series), and ``torch.compile`` traces it.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> w = [torch.randn(8, 2) * 0.3, torch.randn(2, 8) * 0.3]
+        >>> x, v = torch.randn(4, 2), torch.randn(1, 4, 2)
+        >>> _, traces = mlp_power_traces(x, w, activation="tanh", probes=v, n_terms=3)
+        >>> _, tr = mlp_trace(x, w, activation="tanh", probes=v, value_coeffs=[0.0, 1.0])
+        >>> traces.shape, torch.allclose(traces[1], tr, atol=1e-6)
+        (torch.Size([3, 4]), True)
+    """
+    weights, biases, gates, shifts, betas, code, preact = _check_net(
+        x, "x", weights, biases, gates, shifts, betas, activation, preact
+    )
+    probes = _check_probes(probes, x)
+    if isinstance(n_terms, bool) or not isinstance(n_terms, numbers.Integral) or n_terms < 1:
+        raise ValueError(f"n_terms must be an int >= 1, got {n_terms!r}")
+    out, derivs = _linearize(x, weights, biases, gates, shifts, betas, code, preact)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    traces = []
+    t = probes
+    for _ in range(int(n_terms)):
+        t = _jvp(t, weights, gates, derivs)
+        traces.append((t * probes).sum(2, dtype=wide).mean(0))
+    return out, torch.stack(traces)
+
+
 def mlp_trace_reference(
     x: Tensor,
     weights: Sequence[Tensor],
@@ -275,6 +444,10 @@ def mlp_trace_reference(
 ) -> tuple[Tensor, Tensor]:
     """:func:`mlp_trace` by autograd: ``J t`` as the gradient w.r.t. ``w`` of ``<J^T w, t>``
     (two vector-Jacobian products), the surrogate's gradient by autograd through them."""
+    if isinstance(value_coeffs, Tensor):
+        value_coeffs = _check_coeffs(value_coeffs, "value_coeffs")
+    if isinstance(psi_coeffs, Tensor):
+        psi_coeffs = _check_coeffs(psi_coeffs, "psi_coeffs")
     weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs = (
         _check_trace_args(x, weights, biases, gates, shifts, betas, activation, preact, probes,
                           value_coeffs, psi_coeffs)
@@ -325,8 +498,8 @@ def mlp_trace(
     preact: bool = False,
     *,
     probes: Tensor,
-    value_coeffs: Sequence[float],
-    psi_coeffs: Sequence[float] | None = None,
+    value_coeffs: Sequence[float] | Tensor,
+    psi_coeffs: Sequence[float] | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(g(x), trace)`` of an MLP-structured ``g`` (module docstring); native where built.
 
@@ -338,9 +511,11 @@ def mlp_trace(
         activation: one of :data:`MLP_ACTIVATIONS`.
         preact: an activation before the first layer.
         probes: ``[P, B, D]`` (or ``[B, D]``) probe vectors.
-        value_coeffs: the weights of ``<v, J^k v>``, ``k = 1 .. K``.
+        value_coeffs: the weights of ``<v, J^k v>``, ``k = 1 .. K``: a list of numbers, or a
+            1-D floating tensor whose trailing zeros do not count (module docstring; then
+            ``psi_coeffs`` must be a tensor too).
         psi_coeffs: the weights of ``J^j v`` in the gradient's ``psi``, ``j = 0 .. <= K-1``
-            (default: ``[1]``, the exact gradient when ``K = 1``).
+            (default: ``[1]``, the exact gradient when ``K = 1``); a list or a 1-D tensor.
 
     Returns:
         ``(out [B, D], trace [B])``; both differentiable (the trace by the surrogate gradient).
@@ -354,13 +529,20 @@ def mlp_trace(
         (torch.Size([4, 2]), torch.Size([4]))
     """
     if psi_coeffs is None:
-        psi_coeffs = [1.0]
+        psi_coeffs = value_coeffs.new_ones(1) if isinstance(value_coeffs, Tensor) else [1.0]
+    if isinstance(value_coeffs, Tensor) != isinstance(psi_coeffs, Tensor):
+        raise TypeError(
+            "value_coeffs and psi_coeffs must both be tensors or both be lists of numbers, got "
+            f"{type(value_coeffs).__name__} and {type(psi_coeffs).__name__}"
+        )
     if _native.use_native("mlp_trace", x) if isinstance(x, Tensor) else False:
         weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs = (
             _check_trace_args(x, weights, biases, gates, shifts, betas, activation, preact,
                               probes, value_coeffs, psi_coeffs)
         )
-        out, trace, _ = torch.ops.fastflow.mlp_trace(
+        op = torch.ops.fastflow.mlp_trace
+        op = op.tensor_coeffs if isinstance(value_coeffs, Tensor) else op.default
+        out, trace, _ = op(
             x, weights, biases, gates, shifts, betas, code, preact, probes, value_coeffs, psi_coeffs
         )
         return out, trace
@@ -465,6 +647,12 @@ if _native.native_load_error() is None:
 
     @torch.library.register_fake("fastflow::mlp_trace")
     def _mlp_trace_fake(x, weights, biases, gates, shifts, betas, act, preact, probes, vc, pc):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1]), probes.new_empty(probes.shape)
+
+    @torch.library.register_fake("fastflow::mlp_trace.tensor_coeffs")
+    def _mlp_trace_tensor_coeffs_fake(x, weights, biases, gates, shifts, betas, act, preact,
+                                      probes, vc, pc):
+        # the shapes do not depend on the coefficients' values (nor on how many are non-zero)
         return x.new_empty(x.shape), x.new_empty(x.shape[:1]), probes.new_empty(probes.shape)
 
     @torch.library.register_fake("fastflow::mlp_trace_backward")

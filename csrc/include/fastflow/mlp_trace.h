@@ -17,6 +17,10 @@
 //       (Jacobian-vector products through the known layers, J = dg/dx per sample),
 //       trace = mean_p sum_{k=1}^{K} value_coeffs[k-1] <v, w_k>, K = len(value_coeffs), and
 //       psi = sum_{j < len(psi_coeffs)} psi_coeffs[j] w_j (len(psi_coeffs) <= K), [P, B, D].
+//   mlp_trace.tensor_coeffs(..., probes, value_coeffs, psi_coeffs): the same, the coefficients
+//       1-D floating tensors (any device; read on the host, so CPU ones cost no synchronisation)
+//       of which only the entries up to the last non-zero one count (K = 1 + the index of the
+//       last non-zero value coefficient; psi_coeffs may not have a non-zero entry at or past K).
 //   mlp_trace_backward(grad_out, grad_trace, x, ..., probes, psi)
 //       -> (grad_x, grad_weights, grad_biases, grad_gates, grad_shifts, grad_betas)
 //       gradients of sum_b [<grad_out_b, out_b> + grad_trace_b mean_p <v, J psi>] with v and
@@ -56,6 +60,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_impl(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
     at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
     const at::Tensor& probes, at::ArrayRef<double> value_coeffs, at::ArrayRef<double> psi_coeffs);
+
+// mlp_trace.tensor_coeffs: the coefficient tensors read into host vectors (checked, trailing
+// zeros dropped), then mlp_trace_forward_impl.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_tensor_coeffs_impl(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList gates,
+    at::TensorList shifts, const at::Tensor& betas, int64_t act, bool preact,
+    const at::Tensor& probes, const at::Tensor& value_coeffs, const at::Tensor& psi_coeffs);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, at::Tensor>
