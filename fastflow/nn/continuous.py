@@ -791,7 +791,8 @@ class CNF(Transform):
     def _solve(self, x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
         estimator = self.active_estimator()
         regularize = self.training and (self.kinetic or self.jacobian_frobenius) and not reverse
-        inference = torch.is_inference_mode_enabled()
+        # (Dynamo cannot trace the inference-mode query; a compiled graph is not in that mode)
+        inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         grad_on = torch.is_grad_enabled() and not inference
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
