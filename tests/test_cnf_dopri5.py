@@ -207,14 +207,17 @@ def test_non_finite_dynamics_raise_instead_of_looping():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_compiles_in_one_graph():
-    """With the native solve, a CNF model's log_prob is one graph (no break) and matches eager."""
+@pytest.mark.parametrize("features", [2, 3])
+def test_compiles_in_one_graph(features):
+    """With the native solve, a CNF model's log_prob is one graph (no break) and matches eager,
+    values and gradients (training mode, Hutchinson; in eval mode, D = 3 also uses Hutchinson)."""
     from fastflow.models import FFJORD
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    flow = FFJORD(2, hidden=(8,), n_blocks=2).double().train()  # training mode: Hutchinson
-    x = torch.randn(6, 2, dtype=torch.float64)
+    flow = FFJORD(features, hidden=(8,), n_blocks=2).double()
+    flow.train(features == 2)
+    x = torch.randn(6, features, dtype=torch.float64)
     explain = torch._dynamo.explain(flow.log_prob)(x)
     assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
     compiled = torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")

@@ -18,9 +18,12 @@
   after two calls. The roulette's random number of terms is a tensor in the graph: one
   compilation serves every draw.
 * Blocks whose log-det runs on the autograd estimators (convolutional branches:
-  ResidualFlowImage) and FFJORD run eagerly inside a compiled model by design
-  (``torch.compiler.disable``): a plain ``torch.compile`` (graph breaks allowed) matches eager,
-  and ``fullgraph=True`` raises an error that names the reason.
+  ResidualFlowImage) run eagerly inside a compiled model by design (``torch.compiler.disable``):
+  a plain ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises
+  an error that names the reason. FFJORD solves on torchdiffeq (the exact trace of its eval mode
+  here, the regularisers, fixed-step solvers) break the graph at the solver's loop and also match
+  eager under a plain ``torch.compile``; its native solve (Hutchinson, concat-squash dynamics,
+  dopri5) is one graph, tested in tests/test_cnf_dopri5.py.
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """

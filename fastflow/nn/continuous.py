@@ -41,16 +41,25 @@ Contract (DESIGN.md, "Points the contract settles"):
   sample (a Hutchinson estimate of the squared Frobenius norm); add ``weight * value.mean()``
   to the loss. They are None in eval mode or when off.
 
-Native path: with the Hutchinson estimator, no regulariser, and vector dynamics that are an
-:class:`ODEnet` of concat-squash layers, every evaluation of the dynamics is one call of the
-native operator :func:`fastflow.ops.mlp_trace.mlp_trace`: ``f`` and ``eps^T (df/dz) eps`` by one
-forward-mode (Jacobian-vector) pass through the known layers, with a hand-written backward
-(exact: the gradient of ``eps^T J eps``), where autograd would build a vector-Jacobian graph
-and differentiate it again. The time gates and hyper-biases of the layers are computed from
-``t`` in PyTorch and passed to the operator. Everything else (the exact trace, the
-regularisers, other dynamics, ``fastflow.backend("reference")``) uses autograd, so the layer
-turns autograd on for its own computation under ``torch.no_grad()`` and
-``torch.inference_mode()``.
+Native paths: with the Hutchinson estimator, no regulariser, and vector dynamics that are an
+:class:`ODEnet` of concat-squash layers,
+
+* a dopri5 solve with adjoint gradients (the default configuration; or any dopri5 solve without
+  gradients) is one call of the native operator :func:`fastflow.ops.cnf_dopri5.cnf_dopri5`: the
+  whole solve, and in the backward pass the whole adjoint solve, in C++. It replays
+  torchdiffeq's step control, so it takes the steps (and counts the evaluations) that the
+  reference solve takes; the solve is then one node of a ``torch.compile`` graph;
+* other solves (fixed-step solvers, ``adjoint=False`` with gradients) call the native operator
+  :func:`fastflow.ops.mlp_trace.mlp_trace` once per evaluation of the dynamics inside
+  torchdiffeq: ``f`` and ``eps^T (df/dz) eps`` by one forward-mode (Jacobian-vector) pass through
+  the known layers, with a hand-written backward (exact: the gradient of ``eps^T J eps``), where
+  autograd would build a vector-Jacobian graph and differentiate it again. The time gates and
+  hyper-biases of the layers are computed from ``t`` in PyTorch and passed to the operator.
+
+Everything else (the exact trace, the regularisers, other dynamics,
+``fastflow.backend("reference")``) uses torchdiffeq and autograd, so the layer turns autograd on
+for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``; under
+``torch.compile`` those solves break the graph at the solver's loop.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),

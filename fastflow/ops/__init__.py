@@ -15,6 +15,7 @@ from fastflow.ops.invconv import (
     plu_inverse_weight,
     plu_weight,
 )
+from fastflow.ops.cnf_dopri5 import cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.fixed_point import (
     FixedPointError,
     FixedPointResult,
@@ -22,11 +23,14 @@ from fastflow.ops.fixed_point import (
     fixed_point_inverse,
 )
 from fastflow.ops.logdet_estimators import (
+    draw_geometric_n,
     draw_roulette_n,
+    geometric_max_n,
     jacobian,
     logdet_exact,
     logdet_roulette,
     logdet_series,
+    roulette_coefficients,
     roulette_tail_prob,
     sample_probes,
 )
@@ -35,6 +39,8 @@ from fastflow.ops.mlp_trace import (
     mlp_apply_reference,
     mlp_fixed_point,
     mlp_fixed_point_reference,
+    mlp_jacobian,
+    mlp_power_traces,
     mlp_trace,
     mlp_trace_reference,
 )
@@ -64,7 +70,12 @@ __all__ = [
     "FixedPointResult",
     "FixedPointWarning",
     "fixed_point_inverse",
+    "cnf_dopri5",
+    "concatsquash_tensors",
+    "last_backward_nfe",
+    "draw_geometric_n",
     "draw_roulette_n",
+    "geometric_max_n",
     "jacobian",
     "logdet_exact",
     "logdet_roulette",
@@ -73,8 +84,11 @@ __all__ = [
     "mlp_apply_reference",
     "mlp_fixed_point",
     "mlp_fixed_point_reference",
+    "mlp_jacobian",
+    "mlp_power_traces",
     "mlp_trace",
     "mlp_trace_reference",
+    "roulette_coefficients",
     "roulette_tail_prob",
     "sample_probes",
     "spectral_norm_apply",
