@@ -46,8 +46,9 @@ def _run(cnf, x, backend, reverse=False, seed=3):
 @pytest.mark.parametrize("activation", ["tanh", "softplus"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("train_T", [True, False])
-def test_float64_native_solve_is_torchdiffeqs_step_for_step(activation, reverse, train_T):
-    cnf = _cnf(activation, train_T)
+@pytest.mark.parametrize("estimator", ["hutchinson", "exact"])
+def test_float64_native_solve_is_torchdiffeqs_step_for_step(activation, reverse, train_T, estimator):
+    cnf = _cnf(activation, train_T, estimator=estimator)
     x = torch.randn(32, 2, dtype=torch.float64)
     native = _run(cnf, x, "native", reverse)
     ref = _run(cnf, x, "reference", reverse)
@@ -207,16 +208,17 @@ def test_non_finite_dynamics_raise_instead_of_looping():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("features", [2, 3])
-def test_compiles_in_one_graph(features):
+@pytest.mark.parametrize("features, training", [(2, True), (2, False), (3, False)])
+def test_compiles_in_one_graph(features, training):
     """With the native solve, a CNF model's log_prob is one graph (no break) and matches eager,
-    values and gradients (training mode, Hutchinson; in eval mode, D = 3 also uses Hutchinson)."""
+    values and gradients (training mode: Hutchinson; eval mode: the exact trace for D = 2,
+    Hutchinson for D = 3)."""
     from fastflow.models import FFJORD
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     flow = FFJORD(features, hidden=(8,), n_blocks=2).double()
-    flow.train(features == 2)
+    flow.train(training)
     x = torch.randn(6, features, dtype=torch.float64)
     explain = torch._dynamo.explain(flow.log_prob)(x)
     assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
@@ -233,3 +235,32 @@ def test_compiles_in_one_graph(features):
     for p, g in zip(flow.parameters(), grads):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_exact_trace_probes_give_the_brute_force_divergence():
+    """With the basis probes the solve's log-det is the exact one: equal to the reference's
+    exact trace (D autograd vector-Jacobian products per evaluation) and, on one Euler-sized
+    check, to the brute-force Jacobian's trace of the dynamics."""
+    from fastflow.ops.cnf_dopri5 import basis_probes
+
+    cnf = _cnf(tol=1e-9, hidden=(8,))
+    x = torch.randn(8, 2, dtype=torch.float64)
+    probes = basis_probes(x)
+    assert probes.shape == (2, 8, 2)
+    T = cnf.end_time.detach()
+    tensors = concatsquash_tensors(cnf.net)
+    with torch.no_grad():
+        z, logdet, _ = cnf_dopri5(x, *tensors, T, "tanh", probes, rtol=1e-9, atol=1e-9)
+        cnf.eval()
+        cnf.eval_estimator = "exact"
+        with fastflow.backend("reference"):
+            z_ref, logdet_ref = cnf(x)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(z, z_ref, rtol=1e-8, atol=1e-10)
+    # the divergence itself: a tiny end time makes logdet ~ T * tr(df/dz)(0, x)
+    tiny = torch.tensor(1e-7, dtype=torch.float64)
+    with torch.no_grad():
+        _, ld_tiny, _ = cnf_dopri5(x, *tensors, tiny, "tanh", probes, rtol=1e-12, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda v: cnf.net(torch.zeros((), dtype=torch.float64), v).sum(0), x)
+    trace = torch.diagonal(jac, dim1=0, dim2=2).sum(-1)  # [B]: sum_i df_i/dx_i per sample
+    torch.testing.assert_close(ld_tiny / tiny, trace, rtol=1e-5, atol=1e-6)

@@ -20,10 +20,10 @@
 * Blocks whose log-det runs on the autograd estimators (convolutional branches:
   ResidualFlowImage) run eagerly inside a compiled model by design (``torch.compiler.disable``):
   a plain ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises
-  an error that names the reason. FFJORD solves on torchdiffeq (the exact trace of its eval mode
-  here, the regularisers, fixed-step solvers) break the graph at the solver's loop and also match
-  eager under a plain ``torch.compile``; its native solve (Hutchinson, concat-squash dynamics,
-  dopri5) is one graph, tested in tests/test_cnf_dopri5.py.
+  an error that names the reason. FFJORD solves on torchdiffeq (concat layers here; also conv
+  dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and also
+  match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics, dopri5,
+  Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py.
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """
@@ -188,8 +188,8 @@ def _residual_image():
 
 
 def _ffjord():
-    torch.manual_seed(0)
-    return models.FFJORD(2, hidden=(8,)).eval(), torch.randn(5, 2)
+    torch.manual_seed(0)  # concat layers: autograd dynamics inside torchdiffeq's loop
+    return models.FFJORD(2, hidden=(8,), layer="concat").eval(), torch.randn(5, 2)
 
 
 @pytest.mark.parametrize("builder", [_residual_image, _ffjord], ids=["residual_flow_image", "ffjord"])

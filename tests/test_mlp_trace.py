@@ -441,8 +441,8 @@ def test_cnf_native_dynamics_match_the_reference(adjoint, activation):
 def test_cnf_native_dynamics_only_where_they_apply(monkeypatch):
     """The whole solve is one native call (fastflow.ops.cnf_dopri5) for dopri5 with adjoint
     gradients; fixed-step solvers and backpropagation through the solver call the native
-    dynamics per evaluation; the exact trace, the regularisers and concat layers keep the
-    autograd dynamics."""
+    dynamics per evaluation (Hutchinson); the exact trace outside the native solve, the
+    regularisers and concat layers keep the autograd dynamics."""
     from fastflow.nn import continuous
 
     calls = []
@@ -452,7 +452,8 @@ def test_cnf_native_dynamics_only_where_they_apply(monkeypatch):
     x = torch.randn(8, 2, dtype=torch.float64)
     for kwargs, path in [
         (dict(), "solve"), (dict(adjoint=False), "dynamics"), (dict(solver="rk4", step_size=0.1), "dynamics"),
-        (dict(estimator="exact"), None), (dict(kinetic=True), None), (dict(layer="concat"), None),
+        (dict(estimator="exact"), "solve"), (dict(estimator="exact", adjoint=False), None),
+        (dict(kinetic=True), None), (dict(layer="concat"), None),
     ]:
         calls.clear()
         torch.manual_seed(0)

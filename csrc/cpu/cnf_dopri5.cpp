@@ -188,7 +188,8 @@ struct Net {
   std::vector<at::Tensor> W, b;
   at::Tensor gw, gb, sw;  // every layer's gate weights, gate biases, shift weights, concatenated
   std::vector<int64_t> outs;
-  at::Tensor betas, probe;  // betas empty (no LipSwish); probe [1, B, D]
+  at::Tensor betas, probe;  // betas empty (no LipSwish); probes [P, B, D]
+  double P = 1.0;            // the divergence is the sum over the probes
   int64_t act = 0;
   double T = 0.0;
 
@@ -243,8 +244,10 @@ Net make_net(const at::Tensor& z, at::TensorList weights, at::TensorList biases,
               end_time.sizes());
   const int64_t B = z.size(0), D = z.size(1);
   TORCH_CHECK(D >= 1, "fastflow: z must have at least one feature, got shape ", z.sizes());
-  TORCH_CHECK(probe.sizes() == z.sizes(), "fastflow: probe must have the shape of z ", z.sizes(),
-              ", got ", probe.sizes());
+  TORCH_CHECK(probe.sizes() == z.sizes() || (probe.dim() == 3 && probe.size(0) >= 1 &&
+                                              probe.size(1) == B && probe.size(2) == D),
+              "fastflow: probe must have the shape of z ", z.sizes(), " or [n_probes, ", B, ", ",
+              D, "], got ", probe.sizes());
   check_like(probe, z, "probe", 0);
   Net n;
   n.act = act;
@@ -288,7 +291,8 @@ Net make_net(const at::Tensor& z, at::TensorList weights, at::TensorList biases,
   n.gb = at::cat(gb);
   n.sw = at::cat(sw);
   n.betas = at::empty({0}, z.options());
-  n.probe = probe.contiguous().view({1, B, D});
+  n.probe = probe.dim() == 3 ? probe.contiguous() : probe.contiguous().view({1, B, D});
+  n.P = static_cast<double>(n.probe.size(0));
   if (B > 0) {
     TORCH_CHECK(at::isfinite(z).all().item<bool>(),
                 "fastflow: z has non-finite values (NaN or inf); the ODE solve needs finite input");
@@ -324,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cnf_dopri5_forward(
         mlp_trace_forward_impl(y.narrow(0, 0, BD).view({B, D}), n.W, n.b, gates, shifts, n.betas,
                                n.act, false, n.probe, {1.0}, {});
     scaled_into(out.narrow(0, 0, BD), f.view({BD}), sigma * n.T);
-    scaled_into(out.narrow(0, BD, B), trace, sigma * n.T);
+    scaled_into(out.narrow(0, BD, B), trace, sigma * n.T * n.P);  // (trace: the probes' mean)
   };
   const at::Tensor y0 = at::cat({z.reshape({BD}), at::zeros({B}, z.options())});
   const MixedNorm norm({{0, BD}, {BD, B}}, z.options());
@@ -423,8 +427,9 @@ cnf_dopri5_adjoint(const at::Tensor& grad_z, const at::Tensor& grad_logdet,
     // gradients of <-T lam, f> + <-T mu, trace> (the adjoint's -a^T dF/d(.)), with f and the
     // trace from the same passes
     auto [gx, gW, gb, gg, gs, gbeta] =
-        mlp_trace_backward_impl(lam * (-n.T), mu * (-n.T), zv, n.W, n.b, gates, shifts, n.betas,
-                                n.act, false, n.probe, n.probe, &value, &trace);
+        mlp_trace_backward_impl(lam * (-n.T), mu * (-n.T * n.P), zv, n.W, n.b, gates, shifts,
+                                n.betas, n.act, false, n.probe, n.probe, &value, &trace);
+    trace.mul_(n.P);  // the probes' sum
     scaled_into(out.narrow(0, 0, BD), value.view({BD}), sigma * n.T);
     scaled_into(out.narrow(0, BD, B), trace, sigma * n.T);
     scaled_into(out.narrow(0, BD + B, BD), gx.view({BD}), sigma);

@@ -41,15 +41,17 @@ Contract (DESIGN.md, "Points the contract settles"):
   sample (a Hutchinson estimate of the squared Frobenius norm); add ``weight * value.mean()``
   to the loss. They are None in eval mode or when off.
 
-Native paths: with the Hutchinson estimator, no regulariser, and vector dynamics that are an
-:class:`ODEnet` of concat-squash layers,
+Native paths: with no regulariser and vector dynamics that are an :class:`ODEnet` of
+concat-squash layers,
 
 * a dopri5 solve with adjoint gradients (the default configuration; or any dopri5 solve without
   gradients) is one call of the native operator :func:`fastflow.ops.cnf_dopri5.cnf_dopri5`: the
-  whole solve, and in the backward pass the whole adjoint solve, in C++. It replays
-  torchdiffeq's step control, so it takes the steps (and counts the evaluations) that the
-  reference solve takes; the solve is then one node of a ``torch.compile`` graph;
-* other solves (fixed-step solvers, ``adjoint=False`` with gradients) call the native operator
+  whole solve, and in the backward pass the whole adjoint solve, in C++, for the Hutchinson
+  estimator and for the exact trace (the ``D`` basis vectors as probes, ``D`` forward-mode
+  passes in one matrix product per layer). It replays torchdiffeq's step control, so it takes
+  the steps (and counts the evaluations) that the reference solve takes; the solve is then one
+  node of a ``torch.compile`` graph;
+* other Hutchinson solves (fixed-step solvers, ``adjoint=False`` with gradients) call the native operator
   :func:`fastflow.ops.mlp_trace.mlp_trace` once per evaluation of the dynamics inside
   torchdiffeq: ``f`` and ``eps^T (df/dz) eps`` by one forward-mode (Jacobian-vector) pass through
   the known layers, with a hand-written backward (exact: the gradient of ``eps^T J eps``), where
@@ -85,7 +87,7 @@ from torch.nn import functional as F
 from fastflow import _native
 from fastflow.flow import Flow, Transform
 from fastflow.ops.cnf_dopri5 import ACTIVATIONS as _SOLVE_ACTIVATIONS
-from fastflow.ops.cnf_dopri5 import cnf_dopri5, concatsquash_tensors, last_backward_nfe
+from fastflow.ops.cnf_dopri5 import basis_probes, cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.mlp_trace import mlp_trace
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
@@ -786,8 +788,7 @@ class CNF(Transform):
     def _solves_natively(self, x: Tensor, estimator: str, regularize: bool, grad_on: bool) -> bool:
         """Whether this solve is one call of the native solve operator (module docstring)."""
         return (
-            estimator == "hutchinson"
-            and not regularize
+            not regularize
             and self.solver == "dopri5"
             and (self.adjoint or not grad_on)
             and len(self.event_shape) == 1
@@ -806,7 +807,8 @@ class CNF(Transform):
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
         if self._solves_natively(x, estimator, regularize, grad_on):
-            eps = _probe(x, self.probe)
+            # the exact trace: the basis vectors as probes
+            eps = basis_probes(x) if estimator == "exact" else _probe(x, self.probe)
             # the reference's adjoint norm sees sqrt_T's adjoint when T is learned
             end_time_norm = 2 if self.train_T and self.sqrt_T.requires_grad and grad_on else 0
             z, logdet, nfe = cnf_dopri5(

@@ -6,9 +6,11 @@ The dynamics (normalised time ``s``, ``t = s T``; FFJORD's :class:`~fastflow.nn.
 
     layer_l(h) = (W_l h + b_l) * sigmoid(gW_l t + gb_l) + sW_l t
     f(t, z)    = layer_{L-1}(act(... act(layer_0(z))))
-    dz/ds = T f(sT, z),   da/ds = T eps^T (df/dz)(sT, z) eps
+    dz/ds = T f(sT, z),   da/ds = T sum_p eps_p^T (df/dz)(sT, z) eps_p
 
-with the probe ``eps`` fixed over the solve. :func:`cnf_dopri5` integrates ``(z, a)`` from
+with the probes ``eps_p`` fixed over the solve: one probe ``[B, D]`` is Hutchinson's estimate of
+the divergence, the ``D`` basis vectors (``probe = basis_probes(z)``, ``[D, B, D]``) its exact
+value. :func:`cnf_dopri5` integrates ``(z, a)`` from
 ``s = 0`` (``a = 0``) to ``s = 1`` (``reverse=True``: from 1 to 0) and returns
 ``(z_out, logdet, nfe)``: ``logdet = a`` at the end (``+int_0^1 T tr ds``, or its negative for
 ``reverse``) and ``nfe`` the evaluations of the dynamics (a 0-d int64 tensor).
@@ -56,7 +58,7 @@ from torch import Tensor, nn
 from fastflow import _native
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
 
-__all__ = ["ACTIVATIONS", "DEFAULT_MAX_STEPS", "cnf_dopri5", "concatsquash_tensors", "last_backward_nfe"]
+__all__ = ["ACTIVATIONS", "DEFAULT_MAX_STEPS", "basis_probes", "cnf_dopri5", "concatsquash_tensors", "last_backward_nfe"]
 
 #: Activations the operator takes (:class:`~fastflow.nn.ODEnet`'s).
 ACTIVATIONS = ("tanh", "softplus")
@@ -75,6 +77,13 @@ def last_backward_nfe(probe: Tensor) -> int | None:
     made with ``probe`` (None before a backward pass). Recorded by eager backward passes."""
     nfe = getattr(probe, _NFE_ATTR, None)
     return None if nfe is None else int(nfe)
+
+
+def basis_probes(z: Tensor) -> Tensor:
+    """The ``D`` basis vectors as probes ``[D, B, D]`` for ``z [B, D]``: with them the solve's
+    divergence is the exact trace."""
+    D = z.shape[1]
+    return torch.eye(D, dtype=z.dtype, device=z.device).unsqueeze(1).expand(D, z.shape[0], D).contiguous()
 
 
 def concatsquash_tensors(net: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -115,9 +124,13 @@ def _check(z: Any, lists: dict[str, Any], end_time: Any, activation: Any, probe:
         raise ValueError(f"end_time must be a one-element tensor, got {end_time!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(probe, Tensor) or probe.shape != z.shape:
+    if not isinstance(probe, Tensor) or not (
+        probe.shape == z.shape or (probe.dim() == 3 and len(probe) >= 1 and probe.shape[1:] == z.shape)
+    ):
         shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
-        raise ValueError(f"probe must be a tensor of the shape of z {tuple(z.shape)}, got {shape}")
+        raise ValueError(
+            f"probe must be a tensor of the shape of z {tuple(z.shape)} or [n_probes, *z.shape], got {shape}"
+        )
     for name, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -154,7 +167,9 @@ def cnf_dopri5(
             :class:`~fastflow.nn.ODEnet`).
         end_time: ``T``, a one-element tensor (differentiable).
         activation: one of :data:`ACTIVATIONS`, between the layers.
-        probe: Hutchinson's probe ``[B, D]``, fixed over the solve (and the adjoint's).
+        probe: Hutchinson's probe ``[B, D]``, or probes ``[P, B, D]`` whose sum of
+            ``eps^T J eps`` is the divergence (:func:`basis_probes`: the exact trace); fixed over
+            the solve and the adjoint's.
         reverse: integrate ``s = 1 -> 0`` (sampling).
         rtol, atol: dopri5 tolerances, of the forward and the adjoint solve.
         end_time_norm: the end time's adjoint in the adjoint's error norm: 0 not in it, 1 as

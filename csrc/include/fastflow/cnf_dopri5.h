@@ -7,8 +7,9 @@
 //     layer_l(h) = (W_l h + b_l) * sigmoid(gW_l t + gb_l) + sW_l t,
 //
 // with W_l [out, in], b_l [out], gW_l [out, 1], gb_l [out], sW_l [out, 1], and the augmented
-// state (z, a) with da/ds = T eps^T (df/dz) eps (Hutchinson's divergence, the probe eps [B, D]
-// fixed over the solve; mlp_trace's forward-mode pass).
+// state (z, a) with da/ds = T sum_p eps_p^T (df/dz) eps_p over the probes (fixed over the
+// solve; mlp_trace's forward-mode pass): one probe [B, D] is Hutchinson's divergence, the D
+// basis vectors [D, B, D] the exact trace.
 //
 //   cnf_dopri5_forward(z, ..., end_time, act, probe, reverse, rtol, atol, end_time_norm,
 //                      max_steps) -> (z_out, logdet, nfe)
