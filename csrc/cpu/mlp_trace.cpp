@@ -45,7 +45,31 @@ struct Net {
     }
     return at::mm(h, W[l].t());
   }
+  // A gate shared by the batch ([1, out] or [out]) folds into the layer:
+  // (W h + b) * g + s = (diag(g) W) h + (b * g + s). Per-sample gates do not.
+  bool folds(int64_t l) const {
+    const int64_t out = W[l].size(0);
+    return !gate.empty() && gate[l].numel() == out && (shift.empty() || shift[l].numel() == out);
+  }
+  // (diag(g) W, b * g + s or undefined) of a folding layer
+  std::pair<at::Tensor, at::Tensor> folded(int64_t l) const {
+    const int64_t out = W[l].size(0);
+    const at::Tensor g = gate[l].reshape({out});
+    at::Tensor bias;
+    if (!b.empty()) {
+      bias = b[l] * g;
+    }
+    if (!shift.empty()) {
+      bias = bias.defined() ? bias + shift[l].reshape({out}) : shift[l].reshape({out});
+    }
+    return {W[l] * g.view({out, 1}), bias};
+  }
 };
+
+// y = h Wg^T + bias (bias may be undefined)
+at::Tensor affine(const at::Tensor& h, const at::Tensor& Wg, const at::Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, h, Wg.t()) : at::mm(h, Wg.t());
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fused CPU activation passes: the value and derivatives an MLP pass needs, in one sweep over
@@ -477,13 +501,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_impl(
   const at::Tensor x = x_in.contiguous();
 
   // primal pass, keeping each activation's derivative for the tangents
-  std::vector<at::Tensor> deriv(L);
+  std::vector<at::Tensor> deriv(L), Wg(L);  // Wg: the gate folded into W, where it folds
   at::Tensor h = x;
   for (int64_t l = 0; l < L; ++l) {
     if (n.has_act(l)) {
       auto hd = act_value_deriv(n, l, h);
       h = std::move(hd.first);
       deriv[l] = std::move(hd.second);
+    }
+    if (n.folds(l)) {
+      at::Tensor bias;
+      std::tie(Wg[l], bias) = n.folded(l);
+      h = affine(h, Wg[l], bias);
+      continue;
     }
     h = n.linear(l, h);
     if (!gates.empty()) {
@@ -504,6 +534,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_trace_forward_impl(
     for (int64_t l = 0; l < L; ++l) {
       if (deriv[l].defined()) {
         t = per_sample_mul(t, P, deriv[l]);
+      }
+      if (Wg[l].defined()) {
+        t = at::mm(t, Wg[l].t());
+        continue;
       }
       t = at::mm(t, weights[l].t());
       if (!gates.empty()) {
@@ -585,7 +619,7 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
   // activation and its tangents (and, with gates, the pre-gate outputs): the reverse pass
   // recomputes the rest layer by layer and drops what it has used, so that it holds little at
   // once.
-  std::vector<at::Tensor> z_act(L), u_pre(L), tz_act(L), tu_pre(L);
+  std::vector<at::Tensor> z_act(L), u_pre(L), tz_act(L), tu_pre(L), Wg(L);
   const at::Tensor psi = psi_in.contiguous().view({P * B, D});
   at::Tensor h = x;
   at::Tensor t = psi;
@@ -596,6 +630,13 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
       auto hd = act_value_deriv(n, l, h);
       h = std::move(hd.first);
       t = per_sample_mul(t, P, hd.second);
+    }
+    if (n.folds(l)) {  // the gate's gradient then comes from the weight-gradient product
+      at::Tensor bias;
+      std::tie(Wg[l], bias) = n.folded(l);
+      h = affine(h, Wg[l], bias);
+      t = at::mm(t, Wg[l].t());
+      continue;
     }
     h = n.linear(l, h);
     t = at::mm(t, weights[l].t());
@@ -630,6 +671,40 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
     const int64_t out = weights[l].size(0);
     if (!shifts.empty()) {
       gs[l] = zbar.sum_to_size(shifts[l].sizes());
+    }
+    if (Wg[l].defined()) {
+      // out = (W h + b) * g + s, tangent (W t) * g, g shared by the batch. With
+      // M = zbar^T h + tbar^T t: dW = diag(g) M, dg = rowsum(W * M) + b * colsum(zbar),
+      // db = g * colsum(zbar), and the input's gradients go through diag(g) W.
+      at::Tensor h_in = z_act[l], t_in = tz_act[l];
+      if (n.has_act(l)) {
+        auto hd = act_value_deriv(n, l, z_act[l]);
+        h_in = std::move(hd.first);
+        t_in = per_sample_mul(tz_act[l], P, hd.second);
+      }
+      const at::Tensor M = at::addmm(at::mm(zbar.t(), h_in), tbar.t(), t_in);
+      h_in = t_in = at::Tensor();
+      const at::Tensor g = gates[l].reshape({out});
+      const at::Tensor zsum = zbar.sum(0);
+      gW[l] = M * g.view({out, 1});
+      at::Tensor dg = (M * weights[l]).sum(1);
+      if (!biases.empty()) {
+        gb[l] = zsum * g;
+        dg.addcmul_(biases[l], zsum);
+      }
+      gg[l] = dg.view(gates[l].sizes());
+      at::Tensor hbar = at::mm(zbar, Wg[l]);
+      at::Tensor thbar = at::mm(tbar, Wg[l]);
+      zbar = tbar = at::Tensor();
+      Wg[l] = at::Tensor();
+      if (n.has_act(l)) {
+        std::tie(zbar, tbar) = act_backward(n, l, z_act[l], hbar, thbar, tz_act[l], P, gbeta);
+      } else {
+        zbar = std::move(hbar);
+        tbar = std::move(thbar);
+      }
+      z_act[l] = tz_act[l] = at::Tensor();
+      continue;
     }
     at::Tensor ubar = zbar, tubar = tbar;
     if (!gates.empty()) {
