@@ -17,9 +17,12 @@ Implementations:
     ``fastflow.backend("native")`` or ``fastflow.backend("reference")``. Concat-squash layers
     ``(W h + b) * sigmoid(W_g t + b_g) + W_b t``; ``T`` is learned (``T = sqrt_T^2``);
     torchdiffeq's ``odeint_adjoint`` (the adjoint state integrated backwards with dopri5 at the
-    same tolerances). Under ``native`` every evaluation of the dynamics is the native
-    Hutchinson operator (:func:`fastflow.ops.mlp_trace.mlp_trace`), under ``reference`` the
-    network and one autograd vector-Jacobian product.
+    same tolerances). Under ``native`` the whole solve is one call of the native operator
+    :func:`fastflow.ops.cnf_dopri5.cnf_dopri5` (its dynamics the native Hutchinson pass of
+    :func:`fastflow.ops.mlp_trace.mlp_trace`), and the backward pass one call of its adjoint
+    solve; it replays torchdiffeq's step control, so both take the same steps (the NFE columns
+    agree). Under ``reference`` the solve is torchdiffeq's over the network and one autograd
+    vector-Jacobian product per evaluation.
 ``zuko``
     ``zuko.flows.CNF(2, hidden_features=(64, 64, 64), activation=nn.Tanh, atol=1e-5, rtol=1e-5,
     exact=False)`` with its integration interval set to ``[0, 0.5]``.
@@ -39,15 +42,20 @@ Where the configurations differ (zuko offers no choice for these):
   adjoint solves the adjoint ODE backwards with its own adaptive steps.
 * probes: both Gaussian, drawn once per solve; zuko's backward reuses the forward's probe.
 
+A second pass, ``eval-nll``, is the held-out NLL of the batch in eval mode without gradients,
+from the initialisation: fastflow's eval mode takes the exact 2-D trace (the native solve with
+the two basis vectors as probes; the reference, two autograd vector-Jacobian products per
+evaluation), and zuko's ``exact=True`` (its exact trace by autograd).
+
 The number of function evaluations (NFE) of the dynamics per train step is recorded in the
 group's params as ``nfe_forward_<impl>`` and ``nfe_backward_<impl>`` (of the last step run:
 fastflow's ``CNF.last_nfe`` and ``last_nfe_backward``; for zuko, calls of its dynamics MLP
 counted by a forward hook, before and during ``backward``). ``python -m bench.cases.ffjord
 --nfe`` prints them as a table, per step over the first few steps.
 
-No ``reference-compiled`` row: the solve calls ``torch.autograd.grad`` inside the dynamics and
-the adjoint is a Python loop of torchdiffeq, which ``torch.compile(fullgraph=True)`` cannot
-capture.
+No ``reference-compiled`` row: the reference solve calls ``torch.autograd.grad`` inside the
+dynamics and the adjoint is a Python loop of torchdiffeq, which ``torch.compile(fullgraph=True)``
+cannot capture (the native solve is one node of a graph, so compiling it changes nothing).
 """
 
 from __future__ import annotations
@@ -181,9 +189,32 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
 
         return factory
 
+    def evaluate(impl: str) -> Callable[[], Callable[[], Any]]:
+        def factory() -> Callable[[], Any]:
+            model = _build(impl, device, dtype, quick)
+            model.module.eval()  # fastflow: the exact 2-D trace in eval mode
+            if impl == "zuko":
+                model.module.transform.exact = True
+            if "x" not in cache:
+                cache["x"] = _data(batch, device, dtype)
+            x = cache["x"]
+
+            def call() -> torch.Tensor:
+                with torch.no_grad(), fastflow.backend(_backend(impl)):
+                    return model.loss(x)
+
+            call()
+            return call
+
+        return factory
+
     name = f"ffjord/d2-h{'x'.join(map(str, hidden))}-b{batch}"
-    return [Group(name, "train-step", {impl: train(impl) for impl in IMPLS}, repeat=5, warmup=1,
-                  params=params)]
+    return [
+        Group(name, "train-step", {impl: train(impl) for impl in IMPLS}, repeat=5, warmup=1,
+              params=params),
+        Group(name, "eval-nll", {impl: evaluate(impl) for impl in IMPLS}, repeat=7, warmup=1,
+              params={**params, "estimator": "exact"}),
+    ]
 
 
 def nfe_table(device: torch.device, dtype: torch.dtype, quick: bool = False, steps: int = 5,
