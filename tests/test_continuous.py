@@ -587,8 +587,13 @@ def test_bench_case_runs_and_records_nfe(capsys):
     from bench.cases import ffjord as case
 
     cpu = torch.device("cpu")
-    (group,) = case.groups(cpu, torch.float32, quick=True)
+    group, eval_group = case.groups(cpu, torch.float32, quick=True)
     assert group.case.startswith("ffjord/") and set(group.impls) == {"native", "reference", "zuko"}
+    assert (group.pass_, eval_group.pass_) == ("train-step", "eval-nll")
+    notes_eval: list[str] = []
+    harness.run_group(eval_group, cpu, torch.float32, repeat=1, warmup=1, min_sample_ms=0,
+                      impls=["native", "reference", "zuko"], log=lambda _: None, notes=notes_eval)
+    assert not [n for n in notes_eval if n.startswith("FAILED")], notes_eval
     notes: list[str] = []
     records = harness.run_group(group, cpu, torch.float32, repeat=1, warmup=1, min_sample_ms=0,
                                 impls=["reference", "zuko"], log=lambda _: None, notes=notes)

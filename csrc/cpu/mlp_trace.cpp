@@ -667,21 +667,25 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
   at::Tensor zbar = grad_out_in.contiguous();
   at::Tensor tbar = (probes.contiguous() * (grad_trace.to(x.scalar_type()) / P).view({1, B, 1}))
                         .view({P * B, D});
+  // the layer's input and its tangent, recomputed from the activation's input
+  auto layer_input = [&](int64_t l) -> std::pair<at::Tensor, at::Tensor> {
+    if (!n.has_act(l)) {
+      return {z_act[l], tz_act[l]};
+    }
+    auto hd = act_value_deriv(n, l, z_act[l]);
+    return {std::move(hd.first), per_sample_mul(tz_act[l], P, hd.second)};
+  };
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t out = weights[l].size(0);
     if (!shifts.empty()) {
       gs[l] = zbar.sum_to_size(shifts[l].sizes());
     }
+    at::Tensor hbar, thbar;  // the gradients w.r.t. the layer's input and its tangent
     if (Wg[l].defined()) {
       // out = (W h + b) * g + s, tangent (W t) * g, g shared by the batch. With
       // M = zbar^T h + tbar^T t: dW = diag(g) M, dg = rowsum(W * M) + b * colsum(zbar),
       // db = g * colsum(zbar), and the input's gradients go through diag(g) W.
-      at::Tensor h_in = z_act[l], t_in = tz_act[l];
-      if (n.has_act(l)) {
-        auto hd = act_value_deriv(n, l, z_act[l]);
-        h_in = std::move(hd.first);
-        t_in = per_sample_mul(tz_act[l], P, hd.second);
-      }
+      auto [h_in, t_in] = layer_input(l);
       const at::Tensor M = at::addmm(at::mm(zbar.t(), h_in), tbar.t(), t_in);
       h_in = t_in = at::Tensor();
       const at::Tensor g = gates[l].reshape({out});
@@ -693,43 +697,28 @@ mlp_trace_backward_impl(const at::Tensor& grad_out_in, const at::Tensor& grad_tr
         dg.addcmul_(biases[l], zsum);
       }
       gg[l] = dg.view(gates[l].sizes());
-      at::Tensor hbar = at::mm(zbar, Wg[l]);
-      at::Tensor thbar = at::mm(tbar, Wg[l]);
-      zbar = tbar = at::Tensor();
-      Wg[l] = at::Tensor();
-      if (n.has_act(l)) {
-        std::tie(zbar, tbar) = act_backward(n, l, z_act[l], hbar, thbar, tz_act[l], P, gbeta);
-      } else {
-        zbar = std::move(hbar);
-        tbar = std::move(thbar);
+      hbar = at::mm(zbar, Wg[l]);
+      thbar = at::mm(tbar, Wg[l]);
+      zbar = tbar = Wg[l] = at::Tensor();
+    } else {
+      at::Tensor ubar = zbar, tubar = tbar;
+      if (!gates.empty()) {
+        const at::Tensor cross = (tbar.view({P, B, out}) * tu_pre[l].view({P, B, out})).sum(0);
+        gg[l] = (zbar * u_pre[l] + cross).sum_to_size(gates[l].sizes());
+        ubar = zbar * gates[l];
+        tubar = per_sample_mul(tbar, P, gates[l]);
+        u_pre[l] = tu_pre[l] = at::Tensor();
       }
-      z_act[l] = tz_act[l] = at::Tensor();
-      continue;
+      zbar = tbar = at::Tensor();
+      if (!biases.empty()) {
+        gb[l] = ubar.sum(0);
+      }
+      auto [h_in, t_in] = layer_input(l);
+      gW[l] = at::addmm(at::mm(ubar.t(), h_in), tubar.t(), t_in);
+      h_in = t_in = at::Tensor();
+      hbar = at::mm(ubar, weights[l]);
+      thbar = at::mm(tubar, weights[l]);
     }
-    at::Tensor ubar = zbar, tubar = tbar;
-    if (!gates.empty()) {
-      const at::Tensor cross = (tbar.view({P, B, out}) * tu_pre[l].view({P, B, out})).sum(0);
-      gg[l] = (zbar * u_pre[l] + cross).sum_to_size(gates[l].sizes());
-      ubar = zbar * gates[l];
-      tubar = per_sample_mul(tbar, P, gates[l]);
-      u_pre[l] = tu_pre[l] = at::Tensor();
-    }
-    zbar = tbar = at::Tensor();
-    if (!biases.empty()) {
-      gb[l] = ubar.sum(0);
-    }
-    // the layer's input and its tangent, recomputed from the activation's input
-    at::Tensor h_in = z_act[l], t_in = tz_act[l];
-    if (n.has_act(l)) {
-      auto hd = act_value_deriv(n, l, z_act[l]);
-      h_in = std::move(hd.first);
-      t_in = per_sample_mul(tz_act[l], P, hd.second);
-    }
-    gW[l] = at::addmm(at::mm(ubar.t(), h_in), tubar.t(), t_in);
-    h_in = t_in = at::Tensor();
-    at::Tensor hbar = at::mm(ubar, weights[l]);
-    at::Tensor thbar = at::mm(tubar, weights[l]);
-    ubar = tubar = at::Tensor();
     if (n.has_act(l)) {
       std::tie(zbar, tbar) = act_backward(n, l, z_act[l], hbar, thbar, tz_act[l], P, gbeta);
     } else {

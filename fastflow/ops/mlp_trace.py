@@ -270,18 +270,7 @@ def _act(code: int, z: Tensor, beta: Tensor | None) -> Tensor:
 
 
 def _apply(x, weights, biases, gates, shifts, betas, code, preact) -> Tensor:
-    h = x
-    i_act = 0
-    for l, w in enumerate(weights):
-        if code != 0 and (l > 0 or preact):
-            h = _act(code, h, betas[i_act] if code == 2 else None)
-            i_act += 1
-        h = F.linear(h, w, biases[l] if biases else None)
-        if gates:
-            h = h * gates[l]
-        if shifts:
-            h = h + shifts[l]
-    return h
+    return _run(x, weights, biases, gates, shifts, betas, code, preact, derivatives=False)[0]
 
 
 def mlp_apply_reference(
@@ -316,15 +305,20 @@ def _act_deriv(code: int, z: Tensor, beta: Tensor | None) -> tuple[Tensor, Tenso
     return z, torch.ones_like(z)
 
 
-def _linearize(x, weights, biases, gates, shifts, betas, code, preact):
-    """``g(x)`` and, per layer, the activation's derivative at its input (None: no activation)."""
+def _run(x, weights, biases, gates, shifts, betas, code, preact, derivatives: bool):
+    """``g(x)`` and, with ``derivatives``, per layer the activation's derivative at its input
+    (None: no activation)."""
     h = x
     derivs: list[Tensor | None] = []
     i_act = 0
     for l, w in enumerate(weights):
         d = None
         if code != 0 and (l > 0 or preact):
-            h, d = _act_deriv(code, h, betas[i_act] if code == 2 else None)
+            beta = betas[i_act] if code == 2 else None
+            if derivatives:
+                h, d = _act_deriv(code, h, beta)
+            else:
+                h = _act(code, h, beta)
             i_act += 1
         derivs.append(d)
         h = F.linear(h, w, biases[l] if biases else None)
@@ -333,6 +327,11 @@ def _linearize(x, weights, biases, gates, shifts, betas, code, preact):
         if shifts:
             h = h + shifts[l]
     return h, derivs
+
+
+def _linearize(x, weights, biases, gates, shifts, betas, code, preact):
+    """``g(x)`` and, per layer, the activation's derivative at its input (None: no activation)."""
+    return _run(x, weights, biases, gates, shifts, betas, code, preact, derivatives=True)
 
 
 def _jvp(t: Tensor, weights, gates, derivs) -> Tensor:
