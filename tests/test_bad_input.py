@@ -304,6 +304,46 @@ def test_mlp_fixed_point_bad_input(p):
 
 
 @SETTINGS
+@given(p=inputs, reverse=st.booleans())
+def test_cnf_dopri5_bad_input(p, reverse):
+    """The native CNF solve couples the rows through its step sizes (one adaptive solve for the
+    batch, as torchdiffeq's), so the rule is for the whole call: a non-finite row raises naming
+    ``z``; finite input gives finite results equal to torchdiffeq's solve of the same batch;
+    huge but finite rows give finite results or raise naming an argument."""
+    if not fastflow.native_available():
+        pytest.skip("the native CNF solve has no reference of its own (fastflow._C is not built)")
+    x = make_input((p["batch"], 2), p["dtype"], p["layout"], p["bad"], p["bad_row"], p["device"])
+    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    torch.manual_seed(0)
+    net = _perturb(fnn.ODEnet(2 + p["wrong_width"], hidden=(6,))).to(dt).to(p["device"])
+    T = torch.tensor(0.5, dtype=dt, device=p["device"])
+    torch.manual_seed(7)
+    probe = torch.randn(x.shape, dtype=dt, device=p["device"])
+    out = call(lambda: ops.cnf_dopri5(x, *ops.concatsquash_tensors(net), T, "tanh", probe,
+                                      reverse=reverse, rtol=1e-6, atol=1e-6),
+               ("z", "weights", "probe"))
+    finite = bool(torch.isfinite(x.double()).all())
+    if not finite:
+        assert out is None, "a non-finite row must raise"
+        return
+    if out is None:
+        return
+    z, logdet, nfe = out
+    assert z.shape == x.shape and logdet.shape == x.shape[:1] and int(nfe) >= 0
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    if huge_rows(x).any() or x.shape[0] == 0:
+        return
+    cnf = fnn.CNF(2, net=net, T=0.5, train_T=False, rtol=1e-6, atol=1e-6).to(dt).to(p["device"])
+    cnf.train()
+    with fastflow.backend("reference"), torch.no_grad():
+        torch.manual_seed(7)  # the probe drawn above
+        z_ref, logdet_ref = cnf.inverse(x.contiguous()) if reverse else cnf(x.contiguous())
+    tol = _tol(dt)
+    torch.testing.assert_close(z, z_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=tol, atol=tol)
+
+
+@SETTINGS
 @given(p=inputs)
 def test_fixed_point_inverse_bad_input(p):
     y = make_input((p["batch"], 3), p["dtype"], p["layout"], p["bad"], p["bad_row"], p["device"])
