@@ -51,14 +51,14 @@ concat-squash layers,
   passes in one matrix product per layer). It replays torchdiffeq's step control, so it takes
   the steps (and counts the evaluations) that the reference solve takes; the solve is then one
   node of a ``torch.compile`` graph;
-* other Hutchinson solves (fixed-step solvers, ``adjoint=False`` with gradients) call the native operator
-  :func:`fastflow.ops.mlp_trace.mlp_trace` once per evaluation of the dynamics inside
-  torchdiffeq: ``f`` and ``eps^T (df/dz) eps`` by one forward-mode (Jacobian-vector) pass through
+* other Hutchinson solves (fixed-step solvers, ``adjoint=False`` with gradients) call the
+  native operator :func:`fastflow.ops.mlp_trace.mlp_trace` once per evaluation of the dynamics
+  inside torchdiffeq: ``f`` and ``eps^T (df/dz) eps`` by one forward-mode (Jacobian-vector) pass through
   the known layers, with a hand-written backward (exact: the gradient of ``eps^T J eps``), where
   autograd would build a vector-Jacobian graph and differentiate it again. The time gates and
   hyper-biases of the layers are computed from ``t`` in PyTorch and passed to the operator.
 
-Everything else (the exact trace, the regularisers, other dynamics,
+Everything else (the exact trace outside the native solve, the regularisers, other dynamics,
 ``fastflow.backend("reference")``) uses torchdiffeq and autograd, so the layer turns autograd on
 for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``; under
 ``torch.compile`` those solves break the graph at the solver's loop.

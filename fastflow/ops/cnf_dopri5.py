@@ -28,7 +28,9 @@ adjoints backwards from the end with dopri5,
 ``d lambda/ds = -lambda^T dF/dz - mu d(T tr)/dz``, ``d theta_bar/ds = -lambda^T dF/dtheta - ...``
 (``mu``, the adjoint of ``a``, is constant), each evaluation one fused pass of
 ``mlp_trace_backward`` that returns ``f``, the trace and every vector-Jacobian product at once.
-Its error norm also covers every parameter's adjoint, as torchdiffeq's default does;
+Its error norm also covers every parameter's adjoint, as torchdiffeq's default does (which
+leaves out parameters that do not require gradients; this norm keeps them, so with frozen
+parameters the two adjoint solves may take different steps);
 ``end_time_norm`` says how the end time's adjoint enters it: 0 not at all (a fixed ``T``), 1 as
 ``T``'s, 2 as that of ``sqrt_T`` (``2 sqrt_T`` times ``T``'s: :class:`~fastflow.nn.CNF` learns
 ``T = sqrt_T^2`` through ``sqrt_T``). The gradient is that of the continuous solution up to the solver's tolerance (not
