@@ -272,16 +272,16 @@ def test_exact_trace_probes_give_the_brute_force_divergence():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_inductor_with_eager_random_numbers_matches_eager(monkeypatch):
+def test_inductor_with_eager_random_numbers_matches_eager():
     """Under the default (Inductor) backend the probes come from Inductor's generator; with
     ``fallback_random`` they are eager's, and values and gradients equal eager's."""
     import torch._inductor.config as inductor_config
 
     from fastflow.models import FFJORD
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch._dynamo.reset()
     torch.manual_seed(0)
     flow = FFJORD(2, hidden=(8,), n_blocks=2).train()
     x = torch.randn(16, 2)
-    _compiled_matches_eager(flow, x, torch.compile(flow.log_prob, fullgraph=True), rtol=1e-6, atol=1e-6)
+    with inductor_config.patch(fallback_random=True):  # (the config's own patch: restored after)
+        _compiled_matches_eager(flow, x, torch.compile(flow.log_prob, fullgraph=True), rtol=1e-6, atol=1e-6)
