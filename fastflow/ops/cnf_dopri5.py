@@ -1,5 +1,6 @@
 """A whole FFJORD solve in one native operator: dopri5 over the augmented state of a CNF whose
-dynamics are an MLP of concat-squash layers, with Hutchinson's divergence, and its adjoint.
+dynamics are an MLP of concat-squash layers, with Hutchinson's or the exact divergence, and its
+adjoint.
 
 The dynamics (normalised time ``s``, ``t = s T``; FFJORD's :class:`~fastflow.nn.ODEnet` with
 ``layer="concatsquash"``)::
@@ -28,13 +29,14 @@ adjoints backwards from the end with dopri5,
 ``d lambda/ds = -lambda^T dF/dz - mu d(T tr)/dz``, ``d theta_bar/ds = -lambda^T dF/dtheta - ...``
 (``mu``, the adjoint of ``a``, is constant), each evaluation one fused pass of
 ``mlp_trace_backward`` that returns ``f``, the trace and every vector-Jacobian product at once.
-Its error norm also covers every parameter's adjoint, as torchdiffeq's default does (which
-leaves out parameters that do not require gradients; this norm keeps them, so with frozen
-parameters the two adjoint solves may take different steps);
-``end_time_norm`` says how the end time's adjoint enters it: 0 not at all (a fixed ``T``), 1 as
-``T``'s, 2 as that of ``sqrt_T`` (``2 sqrt_T`` times ``T``'s: :class:`~fastflow.nn.CNF` learns
-``T = sqrt_T^2`` through ``sqrt_T``). The gradient is that of the continuous solution up to the solver's tolerance (not
-of the discrete forward solve); no second-order gradient.
+Its error norm also covers every parameter's adjoint and the time's adjoint ``-a^T dF/ds``, as
+torchdiffeq's default does (torchdiffeq leaves out parameters that do not require gradients;
+this norm keeps them, so with frozen parameters the two adjoint solves may take different
+steps); ``end_time_norm`` says how the end time's adjoint enters it: 0 not at all (a fixed
+``T``), 1 as ``T``'s, 2 as that of ``sqrt_T`` (``2 sqrt_T`` times ``T``'s:
+:class:`~fastflow.nn.CNF` learns ``T = sqrt_T^2`` through ``sqrt_T``). The gradient is that of
+the continuous solution up to the solver's tolerance (not of the discrete forward solve); no
+second-order gradient.
 
 Diagnostics: the backward's NFE, by probe: :func:`last_backward_nfe` (``probe -> int``).
 
