@@ -528,12 +528,10 @@ def _native_dynamics(net: nn.Module):
         return None
 
     def tensors(t: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        layers = list(net.layers)
-        tt = t.reshape(1, 1).to(layers[0].linear.weight.dtype)
-        weights = [layer.linear.weight for layer in layers]
-        biases = [layer.linear.bias for layer in layers]
-        gates = [torch.sigmoid(layer.hyper_gate(tt)) for layer in layers]
-        shifts = [layer.hyper_bias(tt) for layer in layers]
+        weights, biases, gate_weights, gate_biases, shift_weights = concatsquash_tensors(net)
+        tt = t.reshape(1, 1).to(weights[0].dtype)
+        gates = [torch.sigmoid(F.linear(tt, w, b)) for w, b in zip(gate_weights, gate_biases)]
+        shifts = [F.linear(tt, w) for w in shift_weights]
         return weights, biases, gates, shifts
 
     return tensors
