@@ -9,18 +9,18 @@
   the part that must trace the operators; seconds per case on a small CPU); RealNVP and Glow
   also with the default Inductor backend (about 10 s each here).
 * Residual Flows and i-ResNet on MLP branches (:class:`~fastflow.nn.iResBlock` on
-  ``residual_mlp``, :class:`~fastflow.models.ResidualFlow`): ``forward`` and ``log_prob`` compile
-  with ``fullgraph=True`` in training and eval mode (one graph, no break) for the roulette and
-  the series with the Neumann gradient (native trace operator; skipped where it is not built),
-  the series with the backpropagated gradient and the exact log-det (forward-mode products in
-  PyTorch operations), and match eager with the same seed: values, the roulette's number of
-  terms, gradients w.r.t. the input and every parameter, and the spectral-norm and ActNorm state
-  after two calls. The roulette's random number of terms is a tensor in the graph: one
-  compilation serves every draw.
-* Blocks whose log-det runs on the autograd estimators (convolutional branches:
-  ResidualFlowImage) run eagerly inside a compiled model by design (``torch.compiler.disable``):
-  a plain ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises
-  an error that names the reason. FFJORD solves on torchdiffeq (concat layers here; also conv
+  ``residual_mlp``, :class:`~fastflow.models.ResidualFlow`) and on convolutional branches
+  (``residual_cnn``, :class:`~fastflow.models.ResidualFlowImage`): ``forward`` and ``log_prob``
+  compile with ``fullgraph=True`` in training and eval mode (one graph, no break) for every
+  estimator: the roulette with the Neumann gradient and with the backpropagated one, the series
+  with either gradient and the exact log-det, and match eager with the same seed: values, the
+  roulette's number of terms, gradients w.r.t. the input and every parameter, and the
+  spectral-norm and ActNorm state after two calls. The roulette's random number of terms is a
+  tensor in the graph: one compilation serves every draw. Two cases also under Inductor.
+* Blocks whose log-det runs on the autograd estimators (a branch of unknown structure) run
+  eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
+  ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises an error
+  that names the reason. FFJORD solves on torchdiffeq (concat layers here; also conv
   dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and also
   match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics, dopri5,
   Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py.
@@ -179,12 +179,26 @@ def test_iaf_sample_compiles_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _residual_image():
-    """Convolutional branches: the blocks' log-det runs on the autograd estimators (eager)."""
+class _Opaque(torch.nn.Module):
+    """A branch the structured paths do not recognise (any user module)."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return self.g(x)
+
+
+def _residual_opaque():
+    """Branches of unknown structure: the blocks' log-det runs on the autograd estimators
+    (eagerly)."""
     torch.manual_seed(0)
-    model = models.ResidualFlowImage((1, 4, 4), levels=1, blocks_per_level=2, hidden=4)
-    initialize_actnorm(model, torch.randn(8, 1, 4, 4))
-    return model.eval(), torch.randn(3, 1, 4, 4)
+    model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)
+    for block in model.blocks:
+        block.g = _Opaque(block.g)
+    initialize_actnorm(model, torch.randn(16, 2))
+    return model.eval(), torch.randn(5, 2)
 
 
 def _ffjord():
@@ -192,7 +206,7 @@ def _ffjord():
     return models.FFJORD(2, hidden=(8,), layer="concat").eval(), torch.randn(5, 2)
 
 
-@pytest.mark.parametrize("builder", [_residual_image, _ffjord], ids=["residual_flow_image", "ffjord"])
+@pytest.mark.parametrize("builder", [_residual_opaque, _ffjord], ids=["residual_opaque", "ffjord"])
 def test_blocks_run_eagerly_inside_compiled_models(builder):
     """Plain torch.compile (graph breaks allowed) of a model whose blocks run eagerly: the
     compiled log_prob equals eager's. (FFJORD: about 20 s here, the slowest case.)"""
@@ -203,8 +217,7 @@ def test_blocks_run_eagerly_inside_compiled_models(builder):
 
 
 def test_autograd_estimator_blocks_break_the_graph():
-    model, x = _residual_image()
-    model.log_prob(x)  # the 3x3 spectral norms are sized at their first call
+    model, x = _residual_opaque()
     explanation = torch._dynamo.explain(model.log_prob)(x)
     # one break per eager block (torch.compiler.disable), the ActNorms and the base compiled
     assert explanation.graph_break_count >= len(model.blocks)
@@ -227,9 +240,10 @@ def _unconverged(model):
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, fnn.SpectralNormLinear):
+            if isinstance(m, (fnn.SpectralNormLinear, fnn.SpectralNormConv2d)):
                 for t in (m.u, m.v):
-                    t.copy_(torch.nn.functional.normalize(torch.randn(t.shape, generator=gen), dim=0))
+                    unit = torch.nn.functional.normalize(torch.randn(t.numel(), generator=gen), dim=0)
+                    t.copy_(unit.view(t.shape))
     return model
 
 
@@ -238,7 +252,17 @@ def _block(kind):
     if kind == "iresnet_series":  # i-ResNet: ELU, no pre-activation, backpropagated series
         g = fnn.residual_mlp(3, hidden=8, n_hidden=1, activation="elu", preact=False)
         return _unconverged(fnn.iResBlock(g, "series", "series", n_terms=3, eval_n_terms=4))
+    if kind.startswith("conv_"):  # convolutional branches (residual_cnn) on [B, 2, 4, 4]
+        est, _, rest = kind[5:].partition("_")
+        kwargs = {"neumann": dict(series_grad="neumann"), "backprop": dict(neumann_grad=False)}
+        g = fnn.residual_cnn(2, hidden=4, coeff=0.9)
+        block = fnn.iResBlock(g, est, est, n_terms=3, eval_n_terms=3, **kwargs.get(rest, {}))
+        block(torch.randn(2, 2, 4, 4))  # the 3x3 spectral norms are sized at their first call
+        return _unconverged(block)
     g = fnn.residual_mlp(3, hidden=8, n_hidden=1)
+    if kind == "roulette_backprop":  # p = 0.9: a cap of 16 draws, 18 products compiled
+        return _unconverged(fnn.iResBlock(g, "roulette", "roulette", neumann_grad=False,
+                                          geometric_p=0.9))
     if kind == "roulette":
         return _unconverged(fnn.iResBlock(g, "roulette", "roulette", n_probes=2))
     if kind == "series_neumann":
@@ -305,10 +329,60 @@ def _assert_matches_eager(builder, method, x, train):
     pytest.param("series_neumann", marks=requires_native),
     "iresnet_series",
     "exact",
+    "roulette_backprop",
+    "conv_exact",
+    "conv_series",
+    "conv_series_neumann",
+    "conv_roulette",
 ])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_residual_block_fullgraph_matches_eager(kind, train):
-    _assert_matches_eager(lambda: _block(kind), "forward", torch.randn(5, 3), train)
+    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
+    _assert_matches_eager(lambda: _block(kind), "forward", x, train)
+
+
+def test_conv_roulette_backprop_fullgraph_matches_eager():
+    """The roulette with its gradient backpropagated through the products, on a convolutional
+    branch: compiled, every capped product runs with zero weights past the draw (about 20 s
+    to compile here; training mode only)."""
+    _assert_matches_eager(lambda: _block("conv_roulette_backprop"), "forward",
+                          torch.randn(3, 2, 4, 4), True)
+
+
+def _image_flow():
+    torch.manual_seed(0)
+    model = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4)
+    initialize_actnorm(model, torch.randn(8, 1, 4, 4))
+    return _unconverged(model)
+
+
+@pytest.mark.parametrize("method", ["forward", "log_prob"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_residual_flow_image_fullgraph_matches_eager(method, train):
+    """ResidualFlowImage (roulette with the Neumann gradient in training mode, exact in eval
+    mode at this size): one graph, eager's values, draws, gradients and state."""
+    _assert_matches_eager(_image_flow, method, torch.randn(3, 1, 4, 4), train)
+
+
+@pytest.mark.parametrize("kind", ["roulette_backprop", "conv_roulette"])
+def test_residual_inductor_gradients_match_eager(kind):
+    """Under the default Inductor backend (with eager's random numbers): the masked roulette
+    with the backpropagated gradient, and the Neumann surrogate whose series runs in a
+    while_loop without autograd, give eager's values and gradients."""
+    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
+    block = _block(kind).eval()  # eval: no power-iteration update (the same weights twice)
+    out = []
+    for fn in (block, torch.compile(block, fullgraph=True)):
+        with torch._inductor.config.patch(fallback_random=True):
+            torch.manual_seed(3)
+            xr = x.clone().requires_grad_()
+            y, logdet = fn(xr)
+            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(),
+                                        [xr, *block.parameters()])
+        out.append((logdet.detach(), grads))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 @requires_native  # training mode: the roulette on the native trace operator
@@ -318,8 +392,8 @@ def test_residual_flow_fullgraph_matches_eager(method, train):
     _assert_matches_eager(_flow, method, torch.randn(5, 2), train)
 
 
-@requires_native
-def test_roulette_draw_is_a_tensor_in_the_graph():
+@pytest.mark.parametrize("kind", [pytest.param("roulette", marks=requires_native), "conv_roulette"])
+def test_roulette_draw_is_a_tensor_in_the_graph(kind):
     """One compilation serves every draw of the roulette's number of terms (a Python int would
     recompile or break the graph), and each compiled call draws what eager draws."""
     from torch._dynamo.backends.registry import lookup_backend
@@ -330,8 +404,8 @@ def test_roulette_draw_is_a_tensor_in_the_graph():
         compilations.append(gm)
         return lookup_backend("aot_eager")(gm, example_inputs)
 
-    block = _block("roulette").eval()  # eval: no power-iteration update between the calls
-    x = torch.randn(5, 3)
+    block = _block(kind).eval()  # eval: no power-iteration update between the calls
+    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
     compiled = torch.compile(block, fullgraph=True, backend=counting)
     terms = set()
     with torch.no_grad():

@@ -712,3 +712,140 @@ def test_mlp_paths_match_the_autograd_estimators(kind, kwargs, train):
     torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-11)
     for a, b in zip(gp1 + s1, gp2 + s2):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------------------------
+# convolutional branches: the autograd estimators' numbers by transposed convolutions
+
+
+def conv_block(estimator, **kwargs):
+    torch.manual_seed(0)
+    from fastflow.nn.residual import residual_cnn
+
+    block = iResBlock(residual_cnn(2, hidden=4, coeff=0.9), estimator, estimator, **kwargs).double()
+    block(torch.randn(2, 2, 4, 4, dtype=torch.float64))  # the 3x3 spectral norms are sized
+    return block
+
+
+def _compare_with_autograd_path(block, x, rtol=1e-9):
+    """The block against a copy whose branch is hidden from the structured paths (the autograd
+    estimators), same seed: outputs, last_terms, gradients (x and every parameter), state."""
+    import copy
+
+    other = copy.deepcopy(block)
+    other.g = _Wrapped(other.g)
+    out = []
+    for b in (block, other):
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        y, logdet = b(xg)
+        (y.square().sum() + 3 * logdet.sum()).backward()
+        out.append((y.detach(), logdet.detach(), b.last_terms, xg.grad,
+                    [p.grad for p in b.parameters()], [t.clone() for t in b.buffers()]))
+    (y1, l1, t1, gx1, gp1, s1), (y2, l2, t2, gx2, gp2, s2) = out
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(l1, l2, rtol=rtol, atol=1e-11)
+    assert t1 == t2
+    torch.testing.assert_close(gx1, gx2, rtol=rtol, atol=1e-11)
+    for a, b in zip(gp1 + s1, gp2 + s2):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind,kwargs", [
+    ("exact", {}),
+    ("series", dict(n_terms=3)),
+    ("series", dict(n_terms=3, series_grad="neumann", n_probes=2)),
+    ("roulette", {}),
+    ("roulette", dict(n_probes=2, probe="rademacher")),
+    ("roulette", dict(neumann_grad=False)),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_conv_paths_match_the_autograd_estimators(kind, kwargs, train):
+    """A convolutional branch (residual_cnn) runs the autograd estimators' computation with its
+    vector-Jacobian products as transposed convolutions: the same values, draws, gradients
+    and spectral-norm state."""
+    block = conv_block(kind, **kwargs).train(train)
+    _compare_with_autograd_path(block, torch.randn(3, 2, 4, 4, dtype=torch.float64))
+
+
+def test_mlp_roulette_backprop_matches_the_autograd_estimator():
+    """The MLP branch's roulette with the backpropagated gradient (forward-mode products in
+    PyTorch operations) against the autograd estimator."""
+    block = mlp_block(3, estimator="roulette", eval_estimator="roulette", neumann_grad=False,
+                      n_probes=2)
+    _compare_with_autograd_path(block, data(6, 3, torch.float64))
+
+
+def test_conv_structure_and_products():
+    """conv_structure takes what the transposed convolution inverts (stride 1, "same" padding,
+    no groups or dilation) and nothing else; the linearisation's J t, J^T u and Jacobian
+    equal autograd's."""
+    from fastflow.nn._branch_products import ConvLinearization, conv_structure
+    from fastflow.nn.lipschitz import LipSwish
+    from fastflow.nn.residual import residual_cnn
+
+    torch.manual_seed(0)
+    conv = lambda **kw: nn.Conv2d(2, 2, 3, padding=1, **kw)  # noqa: E731
+    good = nn.Sequential(nn.Tanh(), conv(), nn.ELU(), nn.Conv2d(2, 2, (1, 3), padding=(0, 1)),
+                         nn.Softplus(), conv(bias=False))
+    assert conv_structure(good) is not None and len(conv_structure(good)) == 3
+    assert conv_structure(residual_cnn(2, hidden=4)) is not None
+    bad = [
+        nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, stride=2)),
+        nn.Sequential(nn.Conv2d(2, 2, 3, padding=2, dilation=2)),
+        nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, groups=2)),
+        nn.Sequential(nn.Conv2d(2, 2, 3, padding=0)),
+        nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")),
+        nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")),
+        nn.Sequential(conv(), nn.Tanh()),  # a trailing activation
+        nn.Sequential(conv(), nn.Tanh(), nn.ELU(), conv()),  # two activations in a row
+        nn.Sequential(conv(), nn.ReLU(), conv()),  # an activation the products do not know
+        nn.Sequential(conv(), nn.BatchNorm2d(2)),
+        conv(),
+    ]
+    for g in bad:
+        assert conv_structure(g) is None, g
+    g = nn.Sequential(LipSwish(), conv(), nn.ELU(), conv()).double()
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    lin = ConvLinearization(conv_structure(g), x)
+    torch.testing.assert_close(lin.out, g(x))
+    t = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64)  # two tangents per sample
+    for p in range(2):
+        _, jt = torch.func.jvp(g, (x,), (t[p],))
+        torch.testing.assert_close(lin.jvp(t)[p], jt)
+        _, vjp = torch.func.vjp(g, x)
+        torch.testing.assert_close(lin.vjp(t)[p], vjp(t[p])[0])
+    J = torch.autograd.functional.jacobian(lambda v: g(v[None])[0], x[0]).reshape(40, 40)
+    torch.testing.assert_close(lin.jacobian()[0], J)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_power_sums_with_a_tensor_count(grad):
+    """power_sums with the count as a tensor (the compiled roulette: a while_loop with autograd
+    off, every capped product with zero weights past the draw with autograd on) equals the
+    Python loop: values, psi, and gradients."""
+    from fastflow.nn._branch_products import power_sums
+    from fastflow.ops.logdet_estimators import roulette_coefficients
+
+    torch.manual_seed(0)
+    A = (0.3 * torch.randn(3, 3, dtype=torch.float64)).requires_grad_()
+    probes = torch.randn(2, 4, 3, dtype=torch.float64)
+    apply = lambda u: u @ A.T  # noqa: E731
+    for n_random in (1, 3, 7, 54):  # 54: the cap (p = 0.5)
+        value_t, psi_t = roulette_coefficients(torch.tensor(n_random), 2)
+        n = n_random + 2
+        with torch.set_grad_enabled(grad):
+            want, want_psi = power_sums(apply, probes, value_t[:n].tolist(), n,
+                                        None if grad else psi_t[:n].tolist())
+            got, got_psi = power_sums(apply, probes, value_t, torch.tensor(n),
+                                      None if grad else psi_t)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        if grad:
+            (ga,) = torch.autograd.grad(got.sum(), A)
+            (wa,) = torch.autograd.grad(want.sum(), A)
+            torch.testing.assert_close(ga, wa, rtol=1e-12, atol=1e-14)
+        else:
+            torch.testing.assert_close(got_psi, want_psi, rtol=1e-12, atol=1e-14)
+    if grad:
+        with pytest.raises(ValueError, match="psi_coeffs"):
+            power_sums(apply, probes, value_t, torch.tensor(3), psi_t)

@@ -332,7 +332,9 @@ class SpectralNormConv2d(_SpectralNormBase):
             return w_hat.reshape(self.weight.shape), sigma
         return spectral_norm_conv_apply(self.weight, u, v, self.coeff, self.padding)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> None:
+        """Checks an input ``[B, C, H, W]`` and sizes the power iteration for its ``(H, W)`` on
+        the first call (what :meth:`forward` does before convolving)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
@@ -347,6 +349,9 @@ class SpectralNormConv2d(_SpectralNormBase):
                     f"for {self.input_shape} (the norm of a convolution depends on it); call "
                     "set_input_shape to re-size"
                 )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.prepare(x)
         return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -46,12 +46,22 @@ update in training mode) and never calls ``torch.autograd.grad``:
   pre-activation input; ``memory_efficient`` has nothing left to save there and is ignored);
 * ``"series"`` with the backpropagated gradient (i-ResNet): the truncated series' forward-mode
   products in PyTorch operations (:func:`~fastflow.ops.mlp_trace.mlp_power_traces`),
-  differentiated by ordinary autograd.
+  differentiated by ordinary autograd;
+* ``"roulette"`` with the backpropagated gradient (``neumann_grad=False``): its products in
+  PyTorch operations, differentiated by ordinary autograd.
 
-The inverse's forward solve runs on the native fixed-point operator. Other branches
-(convolutional ones, any other module), ``"roulette"`` with ``neumann_grad=False``, and the
-Neumann gradients where the native operator is not used (``fastflow.backend("reference")``, no
-extension) use the autograd estimators of :mod:`fastflow.ops.logdet_estimators`.
+Convolutional branches (:func:`~fastflow.nn._branch_products.conv_structure`: what
+:func:`residual_cnn` builds, stride-1 "same" convolutions and the activations above) on image
+inputs run the autograd estimators' computation with the branch's vector-Jacobian products
+written out as transposed convolutions (:class:`~fastflow.nn._branch_products.ConvLinearization`):
+the same numbers, without ``torch.autograd.grad``. In eager mode the memory-efficient Neumann
+gradient (``memory_efficient=True``) keeps the autograd estimator, which takes its gradients in
+the forward.
+
+The inverse's forward solve runs on the native fixed-point operator. Other branches (any other
+module), autocast on convolutional branches, and the Neumann gradients of MLP branches where
+the native operator is not used (``fastflow.backend("reference")``, no extension) use the
+autograd estimators of :mod:`fastflow.ops.logdet_estimators`.
 
 Roulette draws: the number of extra terms ``N`` is geometric, drawn by
 :func:`~fastflow.ops.logdet_estimators.draw_geometric_n` as a 0-d CPU tensor (one
@@ -62,17 +72,30 @@ value the draw can take, so the cap never changes the estimate). On the native p
 weights are fixed-length tensors that are zero past the drawn terms
 (:func:`~fastflow.ops.logdet_estimators.roulette_coefficients`).
 
-``torch.compile``: on an MLP-structured branch with a 2-D input, ``forward`` of the block, and
-``forward`` and ``log_prob`` of :class:`ResidualFlow`, compile into one graph
-(``fullgraph=True`` works) in training and eval mode for every case of the list above, and match
-eager: the same seed gives the same roulette draw, values and gradients, and the same
-spectral-norm buffers after the call (their power-iteration update is part of the graph). The
-roulette's ``N`` stays a tensor in the graph (no recompilation per draw); ``last_terms`` is then
-a 0-d int64 tensor (an ``int`` in eager mode). The autograd estimators (the other cases) run
-eagerly (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them,
-and ``fullgraph=True`` raises an error that names the reason. Their ``torch.autograd.grad``
-with ``create_graph`` is not traced by dynamo, and AOT-compiled graphs do not differentiate
-twice. :meth:`iResBlock.inverse` (the fixed-point solve) always runs eagerly.
+``torch.compile``: on MLP-structured branches with 2-D inputs and convolutional branches with
+image inputs, ``forward`` of the block, and ``forward`` and ``log_prob`` of :class:`ResidualFlow`
+and :class:`ResidualFlowImage`, compile into one graph (``fullgraph=True`` works) in training
+and eval mode for every estimator, and match eager: the same seed gives the same roulette draw,
+values and gradients, and the same spectral-norm buffers after the call (their
+power-iteration update is part of the graph). The roulette's ``N`` stays a tensor in the graph
+(no recompilation per draw); ``last_terms`` is then a 0-d int64 tensor (an ``int`` in eager
+mode). Where the number of products follows the draw inside the graph:
+
+* without autograd through the series (values, the Neumann surrogate's vectors), a
+  ``while_loop`` runs exactly the drawn number of products;
+* the roulette with the backpropagated gradient runs every product up to the cap
+  (:func:`~fastflow.ops.logdet_estimators.geometric_max_n`, ``n_exact + 54`` for ``p = 0.5``)
+  with zero weights past the draw: one graph, but that many products per call (the
+  ``while_loop``'s backward under Inductor gave wrong gradients in torch 2.13, so no gradient
+  goes through one). The Neumann gradient (the default) has no such cost.
+* memory-efficient Neumann gradients are not taken in the forward inside a graph (the plain
+  surrogate runs; same gradients).
+
+The autograd estimators (other branches) run eagerly (``torch.compiler.disable``): a plain
+``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
+names the reason. Their ``torch.autograd.grad`` with ``create_graph`` is not traced by dynamo,
+and AOT-compiled graphs do not differentiate twice. :meth:`iResBlock.inverse` (the fixed-point
+solve) always runs eagerly.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. "Invertible Residual Networks" (2019),
@@ -100,6 +123,9 @@ from fastflow.ops.fixed_point import FixedPointResult, fixed_point_inverse
 from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette, logdet_series
 from fastflow.ops.logdet_estimators import draw_geometric_n, roulette_coefficients, sample_probes
 from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_traces, mlp_trace
+from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
+from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize
+from fastflow.nn._branch_products import ConvLinearization, _wide_dot, conv_structure, power_sums
 from fastflow import _native
 
 __all__ = [
@@ -437,7 +463,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return "native"
         if kind == "series" and not (need and neumann):
             return "series"
-        # the roulette's backpropagated gradient differentiates a random number of products;
+        if kind == "roulette" and not neumann:
+            return "power"  # the roulette's gradient backpropagated through its products
         # the Neumann gradients without the native operator: the autograd estimators
         return None
 
@@ -481,6 +508,10 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
             logdet = torch.linalg.slogdet(eye + J).logabsdet
             terms = x.shape[1]
+        elif route == "power":
+            code = MLP_ACTIVATIONS[act]
+            gx, derivs = _mlp_linearize(x, weights, biases, (), (), betas, code, preact)
+            logdet, terms = self._roulette_backprop(x, lambda t: _mlp_jvp(t, weights, (), derivs))
         elif route == "series":
             probes = sample_probes(x, self.n_probes, self.probe)
             gx, traces = mlp_power_traces(
@@ -498,14 +529,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
                 psi: Any = [(-1) ** j for j in range(n_series)]
                 terms = n_series
             else:
-                # the number of terms as a tensor (a Python int would be a graph break or a
-                # recompilation per draw): fixed-length coefficients, zero past the draw
-                n_exact = self.n_exact if self.training else self.eval_n_terms
-                n_random = draw_geometric_n(self.geometric_p)
-                value, psi = roulette_coefficients(n_random, n_exact, self.geometric_p)
-                terms = n_random + n_exact
-                if not torch.compiler.is_compiling():
-                    terms = int(terms)  # a CPU tensor: no device synchronisation
+                terms, value, psi = self._roulette_draw()
             probes = sample_probes(x, self.n_probes, self.probe)
             gx, logdet = mlp_trace(
                 x, weights, biases, (), (), betas, act, preact,
@@ -514,15 +538,98 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         self.last_estimator, self.last_terms = kind, terms
         return x + gx, logdet
 
+    def _roulette_draw(self) -> tuple[int | Tensor, list[float] | Tensor, list[float] | Tensor]:
+        """The roulette's ``(n_total, value coefficients, psi coefficients)`` for this call.
+
+        Inside a compiled graph the number of terms stays a tensor (a Python int would be a
+        graph break, or a recompilation per draw) with fixed-length coefficients that are zero
+        past the draw; in eager mode Python values, ``n_total`` coefficients each."""
+        n_exact = self.n_exact if self.training else self.eval_n_terms
+        n_random = draw_geometric_n(self.geometric_p)
+        value, psi = roulette_coefficients(n_random, n_exact, self.geometric_p)
+        n_total = n_random + n_exact
+        if torch.compiler.is_compiling():
+            return n_total, value, psi
+        n = int(n_total)  # CPU tensors: no device synchronisation
+        return n, value[:n].tolist(), psi[:n].tolist()
+
+    def _roulette_backprop(self, x: Tensor, apply: Any) -> tuple[Tensor, int | Tensor]:
+        """The roulette's value with its gradient backpropagated through every product
+        ``apply`` (``J`` or ``J^T``) of a branch in PyTorch operations: ``(logdet, terms)``."""
+        n_total, value, _ = self._roulette_draw()
+        probes = sample_probes(x, self.n_probes, self.probe)
+        logdet, _ = power_sums(apply, probes, value, n_total)
+        return logdet, n_total
+
+    def _conv_route(self, kind: str, x: Tensor, need: bool) -> list | None:
+        """The steps of a convolutional branch (:func:`~fastflow.nn._branch_products.conv_structure`)
+        when this call runs on its products in PyTorch operations, else None (the autograd
+        estimators): an image input, the parameters in its dtype, no autocast, and, in eager
+        mode, not the memory-efficient Neumann gradient (which takes its gradients in the
+        forward with autograd; a compiled graph runs the plain Neumann surrogate)."""
+        if x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
+            return None
+        steps = conv_structure(self.g)
+        if steps is None or any(p.dtype != x.dtype for p in self.g.parameters()):
+            return None
+        neumann = (kind == "roulette" and self.neumann_grad) or (
+            kind == "series" and self.series_grad == "neumann"
+        )
+        if need and neumann and self.memory_efficient and not torch.compiler.is_compiling():
+            return None
+        return steps
+
+    def _transform_conv(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor] | None:
+        """The call on a convolutional branch (:meth:`_conv_route`): the estimators of the
+        autograd path, with the branch's vector-Jacobian products as transposed convolutions
+        (the same numbers), in operations that ``torch.compile`` traces; None where it does not
+        apply."""
+        steps = self._conv_route(kind, x, need)
+        if steps is None:
+            return None
+        with contextlib.nullcontext() if need else torch.no_grad():
+            lin = ConvLinearization(steps, x)
+            terms: int | Tensor
+            if kind == "exact":
+                J = lin.jacobian()
+                J = J.to(torch.promote_types(J.dtype, torch.float32))
+                eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+                logdet = torch.linalg.slogdet(eye + J).logabsdet
+                terms = x[0].numel()
+            elif kind == "roulette" and need and not self.neumann_grad:
+                logdet, terms = self._roulette_backprop(x, lin.vjp)
+            else:
+                n_series = self.n_terms if self.training else self.eval_n_terms
+                if kind == "series":
+                    terms = n_series
+                    value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
+                    psi: Any = [(-1) ** j for j in range(n_series)]
+                else:
+                    terms, value, psi = self._roulette_draw()
+                probes = sample_probes(x, self.n_probes, self.probe)
+                surrogate = need and (kind == "roulette" or self.series_grad == "neumann")
+                if not surrogate:
+                    logdet, _ = power_sums(lin.vjp, probes, value, terms)
+                else:
+                    # the Neumann surrogate: the series' vectors without a graph, one product
+                    # with one (module docstring)
+                    with torch.no_grad():
+                        logdet, left = power_sums(lin.vjp, probes, value, terms, psi)
+                    s = _wide_dot(lin.vjp(left), probes).mean(0)
+                    logdet = logdet + (s - s.detach())
+        self.last_estimator, self.last_terms = kind, terms
+        return x + lin.out, logdet
+
     # Eager under torch.compile: the autograd estimators differentiate g's graph again (VJPs
     # with create_graph), which dynamo does not capture and AOT-compiled graphs do not support
     # (no double backward, donated buffers).
     @torch.compiler.disable(
         reason="fastflow iResBlock: this log-det runs on the autograd estimators "
-        "(torch.autograd.grad with create_graph), which torch.compile does not trace; only "
-        "MLP-structured branches (fastflow.nn.residual.mlp_structure) on 2-D inputs compile "
-        "into one graph, and there not the 'roulette' estimator with neumann_grad=False nor, "
-        "without the native extension, the Neumann gradients (fastflow.nn.residual docstring)"
+        "(torch.autograd.grad with create_graph), which torch.compile does not trace; "
+        "MLP-structured branches (fastflow.nn.residual.mlp_structure) on 2-D inputs and "
+        "convolutional ones (fastflow.nn._branch_products.conv_structure) on images compile "
+        "into one graph, MLP branches' Neumann gradients only with the native extension "
+        "(fastflow.nn.residual docstring)"
     )
     def _transform_autograd(
         self, kind: str, x: Tensor, need: bool, params: tuple[Tensor, ...]
@@ -549,6 +656,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         params = self._params()
         need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         out = self._transform_mlp(kind, x, need)
+        if out is None:
+            out = self._transform_conv(kind, x, need)
         if out is not None:
             return out
         return self._transform_autograd(kind, x, need, params)
