@@ -760,10 +760,16 @@ def _compare_with_autograd_path(block, x, rtol=1e-9):
     ("roulette", dict(neumann_grad=False)),
 ])
 @pytest.mark.parametrize("train", [True, False])
-def test_conv_paths_match_the_autograd_estimators(kind, kwargs, train):
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "graph-path"])
+def test_conv_paths_match_the_autograd_estimators(kind, kwargs, train, compiling, monkeypatch):
     """A convolutional branch (residual_cnn) runs the autograd estimators' computation with its
     vector-Jacobian products as transposed convolutions: the same values, draws, gradients
-    and spectral-norm state."""
+    and spectral-norm state. ``graph-path``: the path a compiled graph takes (the draw as a
+    tensor, the Neumann surrogate on the products), run eagerly."""
+    import fastflow.nn.residual as residual
+
+    if compiling:
+        monkeypatch.setattr(residual, "_compiling", lambda: True)
     block = conv_block(kind, **kwargs).train(train)
     _compare_with_autograd_path(block, torch.randn(3, 2, 4, 4, dtype=torch.float64))
 

@@ -23,6 +23,18 @@ weight ``c * eye``) (at initialisation ``g`` is nearly zero and one iteration
 converges, which measures nothing). The iterations each library took (calls of ``g``) are
 recorded in the group's params as ``iterations_<impl>``.
 
+``residual-image`` train steps: :class:`~fastflow.models.ResidualFlowImage` on ``3 x 16 x 16``
+(2 levels of 2 blocks on ``residual_cnn`` branches, 32 hidden channels, ActNorm), batch 16,
+roulette (Neumann gradient), series (5 terms, backpropagated gradient) and the roulette with
+its gradient backpropagated through the terms (``neumann_grad=False``), eager. ``native``:
+fastflow's eager path for these branches: the branch's products as (transposed) convolutions in
+PyTorch operations (no native kernel) for the series and the backpropagated roulette, and the
+autograd estimator for the Neumann gradient (the products measured the same speed there with
+more peak memory, so eager keeps autograd's; a compiled graph takes the products);
+``reference``: the same model with every branch hidden behind a wrapper, so the log-det always
+runs on the autograd estimators (``torch.autograd.grad`` with ``create_graph``), the oracle of
+the tests.
+
 Peak memory of the train steps: on CUDA every sample's, on the CPU one untimed step under
 :func:`fastflow.memory.track_peak_allocations` (the allocator's bytes above what existed before
 the step, the native operators' internal temporaries included: activations kept for backward,
@@ -85,6 +97,20 @@ def _normflows(d: int, estimator: str) -> tuple[nn.Module, nn.Module, Callable, 
 
 
 _BUILDERS = {"native": _fastflow, REFERENCE: _fastflow, "normflows": _normflows}
+
+
+IMAGE_SHAPE = (3, 16, 16)
+
+
+class _Opaque(nn.Module):
+    """Hides a branch's structure: the block's log-det then runs on the autograd estimators."""
+
+    def __init__(self, g: nn.Module):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g(x)
 
 
 def _nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
@@ -213,7 +239,33 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
 
         return factory
 
+    def image(impl: str, estimator: str, b: int) -> Callable[[], Callable[[], Any]]:
+        def factory() -> Callable[[], Any]:
+            from fastflow import models
+
+            kwargs = dict(neumann_grad=False) if estimator == "roulette-backprop" else {}
+            torch.manual_seed(0)
+            model = models.ResidualFlowImage(
+                IMAGE_SHAPE, levels=2, blocks_per_level=2, hidden=32,
+                estimator=estimator.split("-")[0], **kwargs,
+            ).to(device=device, dtype=dtype)
+            if impl == REFERENCE:
+                for block in model.blocks:
+                    block.g = _Opaque(block.g)
+            x = torch.randn(b, *IMAGE_SHAPE, generator=seeded(4, device), device=device, dtype=dtype)
+            return train_step(impl, model.train(), lambda: -model.log_prob(x).mean(), "auto", LR)
+
+        return factory
+
     out: list[Group] = []
+    image_configs = [("roulette", 4)] if quick else [
+        (e, 16) for e in ("roulette", "series", "roulette-backprop")
+    ]
+    for estimator, b in image_configs:
+        impls = {impl: image(impl, estimator, b) for impl in ("native", REFERENCE)}
+        out.append(Group(f"residual-image/{estimator}/3x16x16-b{b}", "train-step", impls,
+                         repeat=7, warmup=2, memory=True,
+                         params={"shape": list(IMAGE_SHAPE), "batch": b, "estimator": estimator}))
     for d, b, estimator in configs:
         name = f"residual/{estimator}/d{d}-b{b}"
         impls = {impl: train(impl, d, b, estimator) for impl in _BUILDERS}

@@ -54,9 +54,12 @@ Convolutional branches (:func:`~fastflow.nn._branch_products.conv_structure`: wh
 :func:`residual_cnn` builds, stride-1 "same" convolutions and the activations above) on image
 inputs run the autograd estimators' computation with the branch's vector-Jacobian products
 written out as transposed convolutions (:class:`~fastflow.nn._branch_products.ConvLinearization`):
-the same numbers, without ``torch.autograd.grad``. In eager mode the memory-efficient Neumann
-gradient (``memory_efficient=True``) keeps the autograd estimator, which takes its gradients in
-the forward.
+the same numbers, without ``torch.autograd.grad``. In eager mode the Neumann gradients (the
+roulette's default, the series with ``series_grad="neumann"``) keep the autograd estimator:
+its surrogate reuses the forward's graph, which measured less peak memory at the same speed
+(bench ``residual-image``); a compiled graph runs them on the products. The exact log-det, the
+series with the backpropagated gradient and the roulette with ``neumann_grad=False`` run on the
+products in eager mode too (faster and smaller than the autograd estimators there).
 
 The inverse's forward solve runs on the native fixed-point operator. Other branches (any other
 module), autocast on convolutional branches, and the Neumann gradients of MLP branches where
@@ -88,8 +91,8 @@ mode). Where the number of products follows the draw inside the graph:
   with zero weights past the draw: one graph, but that many products per call (the
   ``while_loop``'s backward under Inductor gave wrong gradients in torch 2.13, so no gradient
   goes through one). The Neumann gradient (the default) has no such cost.
-* memory-efficient Neumann gradients are not taken in the forward inside a graph (the plain
-  surrogate runs; same gradients).
+* memory-efficient Neumann gradients of convolutional branches are not taken in the forward
+  inside a graph (the plain surrogate runs; same gradients).
 
 The autograd estimators (other branches) run eagerly (``torch.compiler.disable``): a plain
 ``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
@@ -169,6 +172,12 @@ def _autograd_on() -> Iterator[bool]:
     else:
         with torch.enable_grad():
             yield False
+
+
+def _compiling() -> bool:
+    """Whether this call is being traced by ``torch.compile`` (a seam for the tests, which run
+    the compiled paths eagerly through it)."""
+    return torch.compiler.is_compiling()
 
 
 def _activation_kind(m: nn.Module) -> str | None:
@@ -548,7 +557,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         n_random = draw_geometric_n(self.geometric_p)
         value, psi = roulette_coefficients(n_random, n_exact, self.geometric_p)
         n_total = n_random + n_exact
-        if torch.compiler.is_compiling():
+        if _compiling():
             return n_total, value, psi
         n = int(n_total)  # CPU tensors: no device synchronisation
         return n, value[:n].tolist(), psi[:n].tolist()
@@ -565,8 +574,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         """The steps of a convolutional branch (:func:`~fastflow.nn._branch_products.conv_structure`)
         when this call runs on its products in PyTorch operations, else None (the autograd
         estimators): an image input, the parameters in its dtype, no autocast, and, in eager
-        mode, not the memory-efficient Neumann gradient (which takes its gradients in the
-        forward with autograd; a compiled graph runs the plain Neumann surrogate)."""
+        mode, not a Neumann gradient (module docstring)."""
         if x.dim() != 4 or torch.is_autocast_enabled(x.device.type):
             return None
         steps = conv_structure(self.g)
@@ -575,8 +583,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         neumann = (kind == "roulette" and self.neumann_grad) or (
             kind == "series" and self.series_grad == "neumann"
         )
-        if need and neumann and self.memory_efficient and not torch.compiler.is_compiling():
-            return None
+        if need and neumann and not _compiling():
+            return None  # eager: the autograd surrogate reuses the forward's graph (less memory)
         return steps
 
     def _transform_conv(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor] | None:
