@@ -256,8 +256,11 @@ def _block(kind):
         est, _, rest = kind[5:].partition("_")
         kwargs = {"neumann": dict(series_grad="neumann"), "backprop": dict(neumann_grad=False)}
         g = fnn.residual_cnn(2, hidden=4, coeff=0.9)
+        # float64: eager's Neumann surrogate (autograd's double backward) and the graph's (the
+        # products) round differently, about 1e-6 of the gradients in float32
         block = fnn.iResBlock(g, est, est, n_terms=3, eval_n_terms=3, **kwargs.get(rest, {}))
-        block(torch.randn(2, 2, 4, 4))  # the 3x3 spectral norms are sized at their first call
+        block = block.double()
+        block(torch.randn(2, 2, 4, 4, dtype=torch.float64))  # the 3x3 spectral norms are sized
         return _unconverged(block)
     g = fnn.residual_mlp(3, hidden=8, n_hidden=1)
     if kind == "roulette_backprop":  # p = 0.9: a cap of 16 draws, 18 products compiled
@@ -337,7 +340,7 @@ def _assert_matches_eager(builder, method, x, train):
 ])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_residual_block_fullgraph_matches_eager(kind, train):
-    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     _assert_matches_eager(lambda: _block(kind), "forward", x, train)
 
 
@@ -346,14 +349,14 @@ def test_conv_roulette_backprop_fullgraph_matches_eager():
     branch: compiled, every capped product runs with zero weights past the draw (about 20 s
     to compile here; training mode only)."""
     _assert_matches_eager(lambda: _block("conv_roulette_backprop"), "forward",
-                          torch.randn(3, 2, 4, 4), True)
+                          torch.randn(3, 2, 4, 4, dtype=torch.float64), True)
 
 
 def _image_flow():
     torch.manual_seed(0)
-    model = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4)
-    initialize_actnorm(model, torch.randn(8, 1, 4, 4))
-    return _unconverged(model)
+    model = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4).double()
+    initialize_actnorm(model, torch.randn(8, 1, 4, 4, dtype=torch.float64))
+    return _unconverged(model)  # float64: see _block's convolutional branches
 
 
 @pytest.mark.parametrize("method", ["forward", "log_prob"])
@@ -361,7 +364,7 @@ def _image_flow():
 def test_residual_flow_image_fullgraph_matches_eager(method, train):
     """ResidualFlowImage (roulette with the Neumann gradient in training mode, exact in eval
     mode at this size): one graph, eager's values, draws, gradients and state."""
-    _assert_matches_eager(_image_flow, method, torch.randn(3, 1, 4, 4), train)
+    _assert_matches_eager(_image_flow, method, torch.randn(3, 1, 4, 4, dtype=torch.float64), train)
 
 
 @pytest.mark.parametrize("kind", ["roulette_backprop", "conv_roulette"])
@@ -369,7 +372,7 @@ def test_residual_inductor_gradients_match_eager(kind):
     """Under the default Inductor backend (with eager's random numbers): the masked roulette
     with the backpropagated gradient, and the Neumann surrogate whose series runs in a
     while_loop without autograd, give eager's values and gradients."""
-    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     block = _block(kind).eval()  # eval: no power-iteration update (the same weights twice)
     out = []
     for fn in (block, torch.compile(block, fullgraph=True)):
@@ -405,7 +408,7 @@ def test_roulette_draw_is_a_tensor_in_the_graph(kind):
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     block = _block(kind).eval()  # eval: no power-iteration update between the calls
-    x = torch.randn(3, 2, 4, 4) if kind.startswith("conv_") else torch.randn(5, 3)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     compiled = torch.compile(block, fullgraph=True, backend=counting)
     terms = set()
     with torch.no_grad():
