@@ -1,0 +1,240 @@
+"""CNF / FFJORD under ``torch.compile(fullgraph=True)`` where the native ``cnf_dopri5`` operator
+does not take the solve: the in-graph solver (:mod:`fastflow.nn._ode_graph`).
+
+For each configuration (vector and image dynamics, concat and concat-squash layers, tanh and
+softplus, Hutchinson and exact divergence, dopri5 and the fixed-step solvers, the RNODE
+regularisers, no-grad eval solves and ``adjoint=False`` training solves, forward and inverse) the
+compiled call (``backend="aot_eager"``; one case on Inductor with ``fallback_random``) equals the
+eager torchdiffeq solve with the same seed: values, the number of evaluations, the regularisers,
+and the gradients w.r.t. the input and every parameter (``sqrt_T`` included).
+``torch._dynamo.explain`` counts one graph and no break for one case of each kind. Solves that
+stay on torchdiffeq (``adjoint=True`` with gradients outside the native solve) still match eager
+under a plain ``torch.compile``, and ``fullgraph=True`` raises an error that names the reason.
+
+Tiny nets and loose tolerances keep every solve short.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow.models import FFJORD
+from fastflow.nn import CNF
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+def _flow(features, dtype=torch.float64, training=True, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("hidden", (8,))
+    kwargs.setdefault("atol", 1e-5)
+    kwargs.setdefault("rtol", 1e-5)
+    flow = FFJORD(features, **kwargs).to(dtype)
+    flow.train(training)
+    return flow
+
+
+def _run(flow, x, fn, grad):
+    """``fn(x)`` with the seed reset (the same probes), and the gradients of its sum w.r.t. ``x``
+    and every parameter (None without ``grad``)."""
+    flow.zero_grad()
+    x = x.detach().clone().requires_grad_(grad)
+    torch.manual_seed(7)
+    if grad:
+        out = fn(x)
+        total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+        total.backward()
+        grads = [x.grad] + [p.grad for p in flow.parameters()]
+        assert all(g is not None for g in grads)
+        grads = [g.clone() for g in grads]
+    else:
+        with torch.no_grad():
+            out = fn(x)
+        grads = None
+    blocks = flow.blocks if hasattr(flow, "blocks") else [flow]
+    diag = [(b.last_nfe, b.last_kinetic, b.last_jacobian_frobenius) for b in blocks]
+    return out, grads, diag
+
+
+def _compiled_matches_eager(flow, x, method="log_prob", grad=True, tol=F64, backend="aot_eager"):
+    torch._dynamo.reset()
+    fn = getattr(flow, method)
+    got, got_grads, got_diag = _run(flow, x, torch.compile(fn, fullgraph=True, backend=backend), grad)
+    want, want_grads, want_diag = _run(flow, x, fn, grad)
+    torch.testing.assert_close(got, want, **tol)
+    if grad:
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=10 * tol["rtol"], atol=10 * tol["atol"])
+    for (nfe, kin, jac), (nfe_w, kin_w, jac_w) in zip(got_diag, want_diag):
+        assert nfe == nfe_w  # the same steps
+        assert isinstance(nfe, int)
+        for a, b in ((kin, kin_w), (jac, jac_w)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **tol)
+    torch._dynamo.reset()
+
+
+def _one_graph(fn, x, grad=True):
+    torch._dynamo.reset()
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        explain = torch._dynamo.explain(fn)(x)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+
+
+# -- adaptive dopri5 --------------------------------------------------------------------------
+
+DOPRI5_TRAIN = [
+    # (features, layer, activation, estimator)
+    (2, "concatsquash", "tanh", "hutchinson"),
+    (3, "concat", "softplus", "exact"),
+    (3, "concatsquash", "softplus", "exact"),
+    ((1, 4, 4), "concatsquash", "tanh", "hutchinson"),
+    ((1, 4, 4), "concat", "softplus", "hutchinson"),
+]
+
+
+@pytest.mark.parametrize("features, layer, activation, estimator", DOPRI5_TRAIN)
+def test_dopri5_training_without_adjoint(features, layer, activation, estimator):
+    """adjoint=False training solve: values, NFE and gradients (input, weights, sqrt_T)."""
+    flow = _flow(features, layer=layer, activation=activation, estimator=estimator, adjoint=False)
+    x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x)
+
+
+DOPRI5_EVAL = [
+    (2, "concat", "tanh", "exact"),
+    ((1, 4, 4), "concat", "tanh", "exact"),
+    ((1, 4, 4), "concatsquash", "softplus", "hutchinson"),
+]
+
+
+@pytest.mark.parametrize("features, layer, activation, estimator", DOPRI5_EVAL)
+def test_dopri5_no_grad_eval(features, layer, activation, estimator):
+    """Eval-mode log_prob under no_grad (the default adjoint=True: no gradients, so no adjoint)."""
+    flow = _flow(features, training=False, layer=layer, activation=activation, eval_estimator=estimator)
+    x = torch.randn(6, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x, grad=False)
+
+
+def test_dopri5_inverse_and_float32():
+    """The inverse solve (T -> 0) with gradients, and a float32 solve (time in float64 as in
+    torchdiffeq, the stages in float32)."""
+    torch.manual_seed(0)
+    cnf = CNF(2, hidden=(8,), layer="concat", adjoint=False, atol=1e-5, rtol=1e-5).double()
+    z = torch.randn(5, 2, dtype=torch.float64)
+    _compiled_matches_eager(cnf, z, method="inverse")
+    flow = _flow(2, dtype=torch.float32, layer="concat", adjoint=False)
+    _compiled_matches_eager(flow, torch.randn(6, 2), tol=dict(rtol=1e-4, atol=1e-5))
+
+
+# -- fixed-step solvers ------------------------------------------------------------------------
+
+FIXED = [
+    # (features, solver, layer, estimator, training)
+    (2, "rk4", "concatsquash", "hutchinson", True),
+    (3, "euler", "concat", "exact", True),
+    ((1, 4, 4), "midpoint", "concatsquash", "hutchinson", True),
+    (2, "rk4", "concat", "exact", False),
+]
+
+
+@pytest.mark.parametrize("features, solver, layer, estimator, training", FIXED)
+def test_fixed_step_solvers(features, solver, layer, estimator, training):
+    """torchdiffeq's grid (the last step shortened to the end time: step 0.15 on T = 0.5 gives
+    four steps, the last 0.05), its rk4 (3/8 rule), euler and midpoint."""
+    flow = _flow(features, training=training, solver=solver, step_size=0.15, layer=layer,
+                 estimator=estimator, eval_estimator=estimator, adjoint=False)
+    x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x, grad=training)
+    assert flow.blocks[0].last_nfe == 4 * {"rk4": 4, "euler": 1, "midpoint": 2}[solver]
+
+
+def test_fixed_step_grid_follows_the_learned_end_time():
+    """One compiled graph serves every T: the number of grid steps is a tensor in it."""
+    flow = _flow(2, solver="euler", step_size=0.15, adjoint=False)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")
+    for T in (0.5, 0.8):
+        with torch.no_grad():
+            flow.blocks[0].sqrt_T.fill_(T ** 0.5)
+        torch.manual_seed(7)
+        got = compiled(x)
+        torch.manual_seed(7)
+        want = flow.log_prob(x)
+        torch.testing.assert_close(got, want, **F64)
+        assert flow.blocks[0].last_nfe == {0.5: 4, 0.8: 6}[T]
+    torch._dynamo.reset()
+
+
+# -- regularisers -------------------------------------------------------------------------------
+
+REGULARISED = [
+    # (features, solver, estimator)
+    (2, "dopri5", "hutchinson"),
+    (3, "rk4", "exact"),
+    ((1, 4, 4), "dopri5", "hutchinson"),
+]
+
+
+@pytest.mark.parametrize("features, solver, estimator", REGULARISED)
+def test_regularisers(features, solver, estimator):
+    """kinetic and Jacobian-Frobenius (eager's |eps^T J|^2, by the transposed layer maps): the
+    values after the call and the gradients of the log-density."""
+    flow = _flow(features, solver=solver, step_size=0.2, estimator=estimator, adjoint=False,
+                 kinetic=True, jacobian_frobenius=True)
+    x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x)
+    assert flow.blocks[0].last_kinetic.shape == (4,)
+
+
+# -- one graph, Inductor, and what stays eager -------------------------------------------------
+
+ONE_GRAPH = [
+    # (kind, flow kwargs, grad)
+    ("dopri5 training", dict(features=2, layer="concat", adjoint=False), True),
+    ("fixed step", dict(features=2, solver="rk4", step_size=0.2, adjoint=False), True),
+    ("eval no-grad", dict(features=2, layer="concat", training=False), False),
+    ("image", dict(features=(1, 4, 4), adjoint=False), True),
+    ("regularised", dict(features=2, adjoint=False, kinetic=True, jacobian_frobenius=True), True),
+]
+
+
+@pytest.mark.parametrize("kind, kwargs, grad", ONE_GRAPH, ids=[c[0] for c in ONE_GRAPH])
+def test_one_graph_no_break(kind, kwargs, grad):
+    kwargs = dict(kwargs)
+    flow = _flow(kwargs.pop("features"), **kwargs)
+    _one_graph(flow.log_prob, torch.randn(4, *flow.event_shape, dtype=torch.float64), grad)
+
+
+def test_inductor_with_eager_random_numbers_matches_eager():
+    """The default backend (Inductor) with eager's random numbers (``fallback_random``)."""
+    import torch._inductor.config as inductor_config
+
+    flow = _flow(2, dtype=torch.float32, layer="concat", adjoint=False, n_blocks=2)
+    x = torch.randn(6, 2)
+    with inductor_config.patch(fallback_random=True):  # (the config's own patch: restored after)
+        _compiled_matches_eager(flow, x, backend="inductor", tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_adjoint_training_outside_the_native_solve_stays_eager():
+    """adjoint=True with gradients and non-native dynamics: torchdiffeq's odeint_adjoint, eager
+    inside a plain torch.compile (which matches eager); fullgraph names the reason."""
+    flow = _flow(2, layer="concat")  # adjoint=True (default), training mode
+    x = torch.randn(4, 2, dtype=torch.float64)
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    got = torch.compile(flow.log_prob, backend="aot_eager")(x)
+    torch.manual_seed(7)
+    want = flow.log_prob(x)
+    torch.testing.assert_close(got, want, **F64)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
+        torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
