@@ -88,121 +88,110 @@ def _one_graph(fn, x, grad=True):
 
 
 # -- adaptive dopri5 --------------------------------------------------------------------------
+# (a training solve's compilation is the slow part, about 15 s each here: two such cases; the
+# image dynamics are trained in the fixed-step cases, where it costs a few seconds)
 
 DOPRI5_TRAIN = [
-    # (features, layer, activation, estimator)
-    (2, "concatsquash", "tanh", "hutchinson"),
-    (3, "concat", "softplus", "exact"),
-    (3, "concatsquash", "softplus", "exact"),
-    ((1, 4, 4), "concatsquash", "tanh", "hutchinson"),
-    ((1, 4, 4), "concat", "softplus", "hutchinson"),
+    # (features, layer, activation, estimator, regularised)
+    (2, "concatsquash", "tanh", "hutchinson", False),
+    (3, "concat", "softplus", "exact", True),
 ]
 
 
-@pytest.mark.parametrize("features, layer, activation, estimator", DOPRI5_TRAIN)
-def test_dopri5_training_without_adjoint(features, layer, activation, estimator):
-    """adjoint=False training solve: values, NFE and gradients (input, weights, sqrt_T)."""
-    flow = _flow(features, layer=layer, activation=activation, estimator=estimator, adjoint=False)
+@pytest.mark.parametrize("features, layer, activation, estimator, regularised", DOPRI5_TRAIN)
+def test_dopri5_training_without_adjoint(features, layer, activation, estimator, regularised):
+    """adjoint=False training solve: values, NFE, the regularisers (Jacobian-Frobenius: eager's
+    |eps^T J|^2, by the transposed layer maps) and the gradients (input, weights, sqrt_T), also
+    through the first step size, which depends on the input and the parameters."""
+    flow = _flow(features, layer=layer, activation=activation, estimator=estimator, adjoint=False,
+                 kinetic=regularised, jacobian_frobenius=regularised)
     x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
     _compiled_matches_eager(flow, x)
+    if regularised:
+        assert flow.blocks[0].last_kinetic.shape == flow.blocks[0].last_jacobian_frobenius.shape == (5,)
 
 
 DOPRI5_EVAL = [
-    (2, "concat", "tanh", "exact"),
-    ((1, 4, 4), "concat", "tanh", "exact"),
-    ((1, 4, 4), "concatsquash", "softplus", "hutchinson"),
+    (2, "concat", "tanh", "exact", torch.float64),
+    ((1, 4, 4), "concat", "softplus", "exact", torch.float64),
+    ((1, 4, 4), "concatsquash", "tanh", "hutchinson", torch.float64),
 ]
 
 
-@pytest.mark.parametrize("features, layer, activation, estimator", DOPRI5_EVAL)
-def test_dopri5_no_grad_eval(features, layer, activation, estimator):
-    """Eval-mode log_prob under no_grad (the default adjoint=True: no gradients, so no adjoint)."""
-    flow = _flow(features, training=False, layer=layer, activation=activation, eval_estimator=estimator)
-    x = torch.randn(6, *flow.event_shape, dtype=torch.float64)
-    _compiled_matches_eager(flow, x, grad=False)
+@pytest.mark.parametrize("features, layer, activation, estimator, dtype", DOPRI5_EVAL)
+def test_dopri5_no_grad_eval(features, layer, activation, estimator, dtype):
+    """Eval-mode log_prob under no_grad (the default adjoint=True: no gradients, so no adjoint).
+    (A 2-D concat-squash ODEnet would take the native solve here: tests/test_cnf_dopri5.py.)"""
+    flow = _flow(features, dtype=dtype, training=False, layer=layer, activation=activation,
+                 eval_estimator=estimator)
+    x = torch.randn(6, *flow.event_shape, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _compiled_matches_eager(flow, x, grad=False, tol=tol)
 
 
-def test_dopri5_inverse_and_float32():
-    """The inverse solve (T -> 0) with gradients, and a float32 solve (time in float64 as in
-    torchdiffeq, the stages in float32)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dopri5_inverse(dtype):
+    """The inverse solve (T -> 0: torchdiffeq negates the time); float32: the time in float64,
+    the stages in float32, as in torchdiffeq."""
     torch.manual_seed(0)
-    cnf = CNF(2, hidden=(8,), layer="concat", adjoint=False, atol=1e-5, rtol=1e-5).double()
-    z = torch.randn(5, 2, dtype=torch.float64)
-    _compiled_matches_eager(cnf, z, method="inverse")
-    flow = _flow(2, dtype=torch.float32, layer="concat", adjoint=False)
-    _compiled_matches_eager(flow, torch.randn(6, 2), tol=dict(rtol=1e-4, atol=1e-5))
+    cnf = CNF(2, hidden=(8,), layer="concat", atol=1e-5, rtol=1e-5).to(dtype).eval()
+    z = torch.randn(5, 2, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _compiled_matches_eager(cnf, z, method="inverse", grad=False, tol=tol)
 
 
 # -- fixed-step solvers ------------------------------------------------------------------------
 
 FIXED = [
-    # (features, solver, layer, estimator, training)
-    (2, "rk4", "concatsquash", "hutchinson", True),
-    (3, "euler", "concat", "exact", True),
-    ((1, 4, 4), "midpoint", "concatsquash", "hutchinson", True),
-    (2, "rk4", "concat", "exact", False),
+    # (features, solver, layer, estimator, training, regularised)
+    (2, "rk4", "concatsquash", "hutchinson", True, True),
+    (3, "euler", "concat", "exact", True, False),
+    ((1, 4, 4), "midpoint", "concatsquash", "hutchinson", True, False),
+    ((1, 4, 4), "euler", "concat", "hutchinson", True, True),
+    (2, "rk4", "concat", "exact", False, False),
 ]
 
 
-@pytest.mark.parametrize("features, solver, layer, estimator, training", FIXED)
-def test_fixed_step_solvers(features, solver, layer, estimator, training):
+@pytest.mark.parametrize("features, solver, layer, estimator, training, regularised", FIXED)
+def test_fixed_step_solvers(features, solver, layer, estimator, training, regularised):
     """torchdiffeq's grid (the last step shortened to the end time: step 0.15 on T = 0.5 gives
-    four steps, the last 0.05), its rk4 (3/8 rule), euler and midpoint."""
+    four steps, the last 0.05), its rk4 (3/8 rule), euler and midpoint; training solves with
+    gradients (and the regularisers), eval solves without."""
     flow = _flow(features, training=training, solver=solver, step_size=0.15, layer=layer,
-                 estimator=estimator, eval_estimator=estimator, adjoint=False)
+                 estimator=estimator, eval_estimator=estimator, adjoint=False,
+                 kinetic=regularised, jacobian_frobenius=regularised)
     x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
     _compiled_matches_eager(flow, x, grad=training)
     assert flow.blocks[0].last_nfe == 4 * {"rk4": 4, "euler": 1, "midpoint": 2}[solver]
 
 
-def test_fixed_step_grid_follows_the_learned_end_time():
-    """One compiled graph serves every T: the number of grid steps is a tensor in it."""
-    flow = _flow(2, solver="euler", step_size=0.15, adjoint=False)
-    x = torch.randn(4, 2, dtype=torch.float64)
+def test_fixed_step_float32_grid_and_learned_end_time():
+    """One compiled graph serves every T (the number of grid steps is a tensor in it), and the
+    float32 grid is torchdiffeq's (float32 arithmetic on the step in s)."""
+    flow = _flow(2, dtype=torch.float32, solver="rk4", step_size=0.15, adjoint=False)
+    x = torch.randn(4, 2)
     torch._dynamo.reset()
     compiled = torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")
-    for T in (0.5, 0.8):
+    for T, steps in ((0.5, 4), (0.8, 6)):
         with torch.no_grad():
             flow.blocks[0].sqrt_T.fill_(T ** 0.5)
-        torch.manual_seed(7)
-        got = compiled(x)
-        torch.manual_seed(7)
-        want = flow.log_prob(x)
-        torch.testing.assert_close(got, want, **F64)
-        assert flow.blocks[0].last_nfe == {0.5: 4, 0.8: 6}[T]
+        got, got_grads, _ = _run(flow, x, compiled, True)
+        assert flow.blocks[0].last_nfe == 4 * steps
+        want, want_grads, _ = _run(flow, x, flow.log_prob, True)
+        assert flow.blocks[0].last_nfe == 4 * steps
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
-
-
-# -- regularisers -------------------------------------------------------------------------------
-
-REGULARISED = [
-    # (features, solver, estimator)
-    (2, "dopri5", "hutchinson"),
-    (3, "rk4", "exact"),
-    ((1, 4, 4), "dopri5", "hutchinson"),
-]
-
-
-@pytest.mark.parametrize("features, solver, estimator", REGULARISED)
-def test_regularisers(features, solver, estimator):
-    """kinetic and Jacobian-Frobenius (eager's |eps^T J|^2, by the transposed layer maps): the
-    values after the call and the gradients of the log-density."""
-    flow = _flow(features, solver=solver, step_size=0.2, estimator=estimator, adjoint=False,
-                 kinetic=True, jacobian_frobenius=True)
-    x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
-    _compiled_matches_eager(flow, x)
-    assert flow.blocks[0].last_kinetic.shape == (4,)
 
 
 # -- one graph, Inductor, and what stays eager -------------------------------------------------
 
 ONE_GRAPH = [
     # (kind, flow kwargs, grad)
-    ("dopri5 training", dict(features=2, layer="concat", adjoint=False), True),
-    ("fixed step", dict(features=2, solver="rk4", step_size=0.2, adjoint=False), True),
+    ("dopri5 training regularised", dict(features=2, adjoint=False, kinetic=True, jacobian_frobenius=True), True),
+    ("fixed step image", dict(features=(1, 4, 4), solver="rk4", step_size=0.2, adjoint=False), True),
     ("eval no-grad", dict(features=2, layer="concat", training=False), False),
-    ("image", dict(features=(1, 4, 4), adjoint=False), True),
-    ("regularised", dict(features=2, adjoint=False, kinetic=True, jacobian_frobenius=True), True),
 ]
 
 
@@ -214,10 +203,11 @@ def test_one_graph_no_break(kind, kwargs, grad):
 
 
 def test_inductor_with_eager_random_numbers_matches_eager():
-    """The default backend (Inductor) with eager's random numbers (``fallback_random``)."""
+    """The default backend (Inductor) with eager's random numbers (``fallback_random``): a
+    training solve (euler: the cheapest to compile, about 20 s here), values and gradients."""
     import torch._inductor.config as inductor_config
 
-    flow = _flow(2, dtype=torch.float32, layer="concat", adjoint=False, n_blocks=2)
+    flow = _flow(2, dtype=torch.float32, layer="concat", solver="euler", step_size=0.2, adjoint=False)
     x = torch.randn(6, 2)
     with inductor_config.patch(fallback_random=True):  # (the config's own patch: restored after)
         _compiled_matches_eager(flow, x, backend="inductor", tol=dict(rtol=1e-4, atol=1e-5))
@@ -225,16 +215,26 @@ def test_inductor_with_eager_random_numbers_matches_eager():
 
 def test_adjoint_training_outside_the_native_solve_stays_eager():
     """adjoint=True with gradients and non-native dynamics: torchdiffeq's odeint_adjoint, eager
-    inside a plain torch.compile (which matches eager); fullgraph names the reason."""
+    inside a plain torch.compile (which matches eager, gradients included); fullgraph names the
+    reason."""
     flow = _flow(2, layer="concat")  # adjoint=True (default), training mode
     x = torch.randn(4, 2, dtype=torch.float64)
     torch._dynamo.reset()
-    torch.manual_seed(7)
-    got = torch.compile(flow.log_prob, backend="aot_eager")(x)
-    torch.manual_seed(7)
-    want = flow.log_prob(x)
+    got, got_grads, _ = _run(flow, x, torch.compile(flow.log_prob, backend="aot_eager"), True)
+    want, want_grads, _ = _run(flow, x, flow.log_prob, True)
     torch.testing.assert_close(got, want, **F64)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **F64)
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
         torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
+def test_bad_input_still_names_the_argument():
+    """Compiled, a wrong shape still raises before the solve, naming the argument."""
+    flow = _flow(2, layer="concat", adjoint=False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="x must have shape"):
+        torch.compile(flow.blocks[0], fullgraph=True, backend="aot_eager")(torch.randn(4, 3, dtype=torch.float64))
     torch._dynamo.reset()
