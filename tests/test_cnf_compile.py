@@ -39,15 +39,16 @@ def _flow(features, dtype=torch.float64, training=True, **kwargs):
 
 def _run(flow, x, fn, grad):
     """``fn(x)`` with the seed reset (the same probes), and the gradients of its sum w.r.t. ``x``
-    and every parameter (None without ``grad``)."""
+    and every parameter (None without ``grad``; ``grad="params"``: the parameters' only, the
+    input as data that does not require grad)."""
     flow.zero_grad()
-    x = x.detach().clone().requires_grad_(grad)
+    x = x.detach().clone().requires_grad_(grad is True)
     torch.manual_seed(7)
     if grad:
         out = fn(x)
         total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
         total.backward()
-        grads = [x.grad] + [p.grad for p in flow.parameters()]
+        grads = ([x.grad] if grad is True else []) + [p.grad for p in flow.parameters()]
         assert all(g is not None for g in grads)
         grads = [g.clone() for g in grads]
     else:
@@ -92,21 +93,21 @@ def _one_graph(fn, x, grad=True):
 # image dynamics are trained in the fixed-step cases, where it costs a few seconds)
 
 DOPRI5_TRAIN = [
-    # (features, layer, activation, estimator, regularised)
-    (2, "concatsquash", "tanh", "hutchinson", False),
-    (3, "concat", "softplus", "exact", True),
+    # (features, layer, activation, estimator, regularised, grad)
+    (2, "concatsquash", "tanh", "hutchinson", False, "params"),
+    (3, "concat", "softplus", "exact", True, True),
 ]
 
 
-@pytest.mark.parametrize("features, layer, activation, estimator, regularised", DOPRI5_TRAIN)
-def test_dopri5_training_without_adjoint(features, layer, activation, estimator, regularised):
+@pytest.mark.parametrize("features, layer, activation, estimator, regularised, grad", DOPRI5_TRAIN)
+def test_dopri5_training_without_adjoint(features, layer, activation, estimator, regularised, grad):
     """adjoint=False training solve: values, NFE, the regularisers (Jacobian-Frobenius: eager's
     |eps^T J|^2, by the transposed layer maps) and the gradients (input, weights, sqrt_T), also
     through the first step size, which depends on the input and the parameters."""
     flow = _flow(features, layer=layer, activation=activation, estimator=estimator, adjoint=False,
                  kinetic=regularised, jacobian_frobenius=regularised)
     x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
-    _compiled_matches_eager(flow, x)
+    _compiled_matches_eager(flow, x, grad=grad)
     if regularised:
         assert flow.blocks[0].last_kinetic.shape == flow.blocks[0].last_jacobian_frobenius.shape == (5,)
 
@@ -143,8 +144,8 @@ def test_dopri5_inverse(dtype):
 # -- fixed-step solvers ------------------------------------------------------------------------
 
 FIXED = [
-    # (features, solver, layer, estimator, training, regularised)
-    (2, "rk4", "concatsquash", "hutchinson", True, True),
+    # (features, solver, layer, estimator, training (or "params"), regularised)
+    (2, "rk4", "concatsquash", "hutchinson", "params", True),
     (3, "euler", "concat", "exact", True, False),
     ((1, 4, 4), "midpoint", "concatsquash", "hutchinson", True, False),
     ((1, 4, 4), "euler", "concat", "hutchinson", True, True),
@@ -157,7 +158,7 @@ def test_fixed_step_solvers(features, solver, layer, estimator, training, regula
     """torchdiffeq's grid (the last step shortened to the end time: step 0.15 on T = 0.5 gives
     four steps, the last 0.05), its rk4 (3/8 rule), euler and midpoint; training solves with
     gradients (and the regularisers), eval solves without."""
-    flow = _flow(features, training=training, solver=solver, step_size=0.15, layer=layer,
+    flow = _flow(features, training=bool(training), solver=solver, step_size=0.15, layer=layer,
                  estimator=estimator, eval_estimator=estimator, adjoint=False,
                  kinetic=regularised, jacobian_frobenius=regularised)
     x = torch.randn(5, *flow.event_shape, dtype=torch.float64)

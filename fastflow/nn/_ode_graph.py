@@ -168,8 +168,17 @@ def _flat_to_shape(y: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
 
 
 def _mixed_rms(y: Tensor, shapes: list[torch.Size]) -> Tensor:
-    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts."""
-    return torch.stack([p.abs().pow(2).mean().sqrt() for p in _flat_to_shape(y, shapes)]).max()
+    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts. (torchdiffeq
+    picks the largest with Python's ``max``, so the others are not differentiated; here a part
+    whose RMS is 0, such as the log-det's zero start, must not put sqrt's infinite derivative
+    at 0 into the gradient: NaN.)"""
+    rms = []
+    for p in _flat_to_shape(y, shapes):
+        ms = p.abs().pow(2).mean()
+        positive = ms > 0
+        rms.append(torch.where(positive, torch.where(positive, ms, torch.ones_like(ms)).sqrt(),
+                               torch.zeros_like(ms)))
+    return torch.stack(rms).max()
 
 
 def odeint_graph(
@@ -180,6 +189,7 @@ def odeint_graph(
     rtol: float,
     atol: float,
     step_size: Tensor | None = None,
+    params: Sequence[Tensor] = (),
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``torchdiffeq.odeint(func, y0, t, rtol, atol, method)`` at the end time, with ``t = [0, 1]``
     (``reverse``: ``[1, 0]``) in ``y0``'s dtype, as traceable operations (module docstring).
@@ -192,6 +202,12 @@ def odeint_graph(
         method: one of :data:`GRAPH_SOLVERS`.
         rtol, atol: tolerances of dopri5.
         step_size: of the fixed-step solvers, in ``s`` (a 0-d float64 tensor, or a number).
+        params: every tensor ``func`` closes over that may require grad (the parameters, the
+            end time; as torchdiffeq's ``adjoint_params``). The loop's carried state is tied to
+            them by a zero, so that it requires grad from the first iteration on:
+            ``while_loop``'s autograd silently drops the gradient of a carry that gains (or
+            loses) ``requires_grad`` in the body, e.g. a state that starts as data and picks up
+            the parameters' gradients in the first step.
 
     Returns ``(state at the end, nfe)``: ``nfe`` (0-d int64) the evaluations of ``func``.
     """
@@ -201,6 +217,9 @@ def odeint_graph(
         raise ValueError("y0 must be a non-empty tuple of tensors")
     shapes = [p.shape for p in y0]
     y = torch.cat([p.reshape(-1) for p in y0])
+    for p in params:  # (a zero: see params)
+        if isinstance(p, Tensor) and p.requires_grad and p.numel() > 0:
+            y = y + 0 * p.reshape(-1)[0].to(y.dtype)
     dtype = y.dtype
     t = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=dtype, device=y.device)
     if reverse:

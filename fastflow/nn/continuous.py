@@ -59,9 +59,23 @@ concat-squash layers,
   hyper-biases of the layers are computed from ``t`` in PyTorch and passed to the operator.
 
 Everything else (the exact trace outside the native solve, the regularisers, other dynamics,
-``fastflow.backend("reference")``) uses torchdiffeq and autograd, so the layer turns autograd on
-for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``; under
-``torch.compile`` those solves break the graph at the solver's loop.
+``fastflow.backend("reference")``) uses torchdiffeq and autograd in eager mode, so the layer turns
+autograd on for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+Under ``torch.compile``: the native solve above is one node of the graph. Every other solve
+without the adjoint method (no-grad solves, ``adjoint=False`` training) whose solver is dopri5,
+rk4, euler or midpoint and whose dynamics are an :class:`ODEnet` or :class:`ODEConvNet` (either
+layer, either activation; Hutchinson or exact; with or without the regularisers; forward or
+inverse) is traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a
+``while_loop`` that replays torchdiffeq's step control operation for operation (so the compiled
+solve takes the eager solve's steps, ``last_nfe`` included, and backpropagates through the same
+discrete solve), and the divergence and the Jacobian-Frobenius regulariser by hand-written
+vector-Jacobian products through the layers (no ``torch.autograd.grad`` in the graph).
+``torch.compile(..., fullgraph=True)`` of ``forward``, ``inverse`` and a model's ``log_prob``
+then gives one graph. The remaining solves (``adjoint=True`` with gradients outside the native
+solve, the other adaptive solvers, other dynamics nets) run eagerly on torchdiffeq inside a
+compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around
+them, and ``fullgraph=True`` raises an error that names the reason.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -872,7 +886,8 @@ class CNF(Transform):
         step = None
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
             step = torch.as_tensor(self.step_size, dtype=torch.float64).div(T.detach().to(torch.float64))
-        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step)
+        params = (T,) + tuple(self.net.parameters())
+        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
         # an object mutated before it)
         self.last_estimator = estimator
