@@ -233,9 +233,21 @@ def test_adjoint_training_outside_the_native_solve_stays_eager():
 
 
 def test_bad_input_still_names_the_argument():
-    """Compiled, a wrong shape still raises before the solve, naming the argument."""
+    """Compiled, a wrong shape raises while tracing and a non-finite input when the graph runs,
+    naming the argument; a solve that fails (non-finite dynamics) raises instead of looping."""
     flow = _flow(2, layer="concat", adjoint=False)
+    cnf = flow.blocks[0]
     torch._dynamo.reset()
     with pytest.raises(Exception, match="x must have shape"):
-        torch.compile(flow.blocks[0], fullgraph=True, backend="aot_eager")(torch.randn(4, 3, dtype=torch.float64))
+        torch.compile(cnf, fullgraph=True, backend="aot_eager")(torch.randn(4, 3, dtype=torch.float64))
+    torch._dynamo.reset()
+    compiled = torch.compile(cnf.inverse, fullgraph=True, backend="aot_eager")
+    bad = torch.randn(4, 2, dtype=torch.float64)
+    bad[1, 0] = float("nan")
+    with torch.no_grad():  # (a no-grad solve: quick to compile)
+        with pytest.raises(RuntimeError, match="z has non-finite values"):
+            compiled(bad)
+        cnf.net.layers[0].linear.weight.fill_(float("inf"))
+        with pytest.raises(RuntimeError, match="CNF solve .* failed"):
+            compiled(torch.randn(4, 2, dtype=torch.float64))
     torch._dynamo.reset()

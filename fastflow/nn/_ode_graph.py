@@ -404,5 +404,10 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         x_power = x_power * x
         total = total + x_power * c
     done = t_cur >= t_end
+    # (where torchdiffeq asserts: the step size underflowed or the state is not finite)
+    torch._assert_async(
+        done, "CNF solve (dopri5 in the compiled graph) failed: the state is not finite, the step "
+        "size underflowed, or it took more than MAX_STEPS steps"
+    )
     total = torch.where(done, total, torch.full_like(total, float("nan")))
     return total, 2 + 6 * steps
