@@ -887,7 +887,7 @@ class CNF(Transform):
         state = (x, zeros) + ((zeros, zeros) if regularize else ())
         step = None
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
-            step = torch.as_tensor(self.step_size, dtype=torch.float64).div(T.detach().to(torch.float64))
+            step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device).div(T.detach().to(torch.float64))
         params = (T,) + tuple(self.net.parameters())
         final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
