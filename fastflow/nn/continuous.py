@@ -59,9 +59,23 @@ concat-squash layers,
   hyper-biases of the layers are computed from ``t`` in PyTorch and passed to the operator.
 
 Everything else (the exact trace outside the native solve, the regularisers, other dynamics,
-``fastflow.backend("reference")``) uses torchdiffeq and autograd, so the layer turns autograd on
-for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``; under
-``torch.compile`` those solves break the graph at the solver's loop.
+``fastflow.backend("reference")``) uses torchdiffeq and autograd in eager mode, so the layer turns
+autograd on for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+Under ``torch.compile``: the native solve above is one node of the graph. Every other solve
+without the adjoint method (no-grad solves, ``adjoint=False`` training) whose solver is dopri5,
+rk4, euler or midpoint and whose dynamics are an :class:`ODEnet` or :class:`ODEConvNet` (either
+layer, either activation; Hutchinson or exact; with or without the regularisers; forward or
+inverse) is traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a
+``while_loop`` that replays torchdiffeq's step control operation for operation (so the compiled
+solve takes the eager solve's steps, ``last_nfe`` included, and backpropagates through the same
+discrete solve), and the divergence and the Jacobian-Frobenius regulariser by hand-written
+vector-Jacobian products through the layers (no ``torch.autograd.grad`` in the graph).
+``torch.compile(..., fullgraph=True)`` of ``forward``, ``inverse`` and a model's ``log_prob``
+then gives one graph. The remaining solves (``adjoint=True`` with gradients outside the native
+solve, the other adaptive solvers, other dynamics nets) run eagerly on torchdiffeq inside a
+compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around
+them, and ``fullgraph=True`` raises an error that names the reason.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -89,6 +103,7 @@ from fastflow.flow import Flow, Transform
 from fastflow.ops.cnf_dopri5 import ACTIVATIONS as _SOLVE_ACTIVATIONS
 from fastflow.ops.cnf_dopri5 import basis_probes, cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.mlp_trace import mlp_trace
+from fastflow.nn._ode_graph import GRAPH_SOLVERS, graph_dynamics, odeint_graph
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
 from fastflow._checks import positive_int as _positive_int
@@ -712,6 +727,7 @@ class CNF(Transform):
         self.last_kinetic: Tensor | None = None
         self.last_jacobian_frobenius: Tensor | None = None
         self._last_dynamics: list[_Dynamics] = []  # a list: not registered as a submodule
+        self._last_graph = False  # the last solve ran in a compiled graph (adjoint=False)
 
     def extra_repr(self) -> str:
         shape = self.features if len(self.event_shape) == 1 else tuple(self.event_shape)
@@ -767,6 +783,8 @@ class CNF(Transform):
         call (0 with ``adjoint=False`` or before a backward pass; None before a call)."""
         if self._last_probe is not None:
             return last_backward_nfe(self._last_probe) or 0
+        if self._last_graph:
+            return 0
         return self._last_dynamics[0].nfe_backward if self._last_dynamics else None
 
     # -- the solves -------------------------------------------------------------------------
@@ -779,9 +797,11 @@ class CNF(Transform):
             raise ValueError(f"{name} must have shape [batch, {shape}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        # (compiled, the native solve checks this itself: the test reads a value)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} has non-finite values (NaN or inf); the ODE solve needs finite input")
+        message = f"{name} has non-finite values (NaN or inf); the ODE solve needs finite input"
+        if torch.compiler.is_compiling():  # (the test reads a value: an assertion in the graph)
+            torch._assert_async(torch.isfinite(x).all(), message)
+        elif not bool(torch.isfinite(x).all()):
+            raise ValueError(message)
 
     def _solves_natively(self, x: Tensor, estimator: str, regularize: bool, grad_on: bool) -> bool:
         """Whether this solve is one call of the native solve operator (module docstring)."""
@@ -802,6 +822,9 @@ class CNF(Transform):
         # (Dynamo cannot trace the inference-mode query; a compiled graph is not in that mode)
         inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         grad_on = torch.is_grad_enabled() and not inference
+        if torch.compiler.is_compiling() and not self._solves_natively(x, estimator, regularize, grad_on) \
+                and self._solves_in_graph(estimator, grad_on):
+            return self._solve_graph(x, reverse, estimator, regularize, grad_on)
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
         if self._solves_natively(x, estimator, regularize, grad_on):
@@ -815,8 +838,80 @@ class CNF(Transform):
             )
             self._last_dynamics = []
             self._last_probe = eps
+            self._last_graph = False
             self._last_nfe = nfe
             return z, logdet
+        return self._solve_torchdiffeq(x, reverse, estimator, regularize, grad_on, inference)
+
+    def _solves_in_graph(self, estimator: str, grad_on: bool) -> bool:
+        """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
+        a solver it replays, no adjoint with gradients, dynamics it differentiates by hand."""
+        return (
+            self.solver in GRAPH_SOLVERS
+            and not (self.adjoint and grad_on)
+            and (
+                (type(self.net) is ODEnet and len(self.event_shape) == 1)
+                or (type(self.net) is ODEConvNet and len(self.event_shape) == 3)
+            )
+        )
+
+    def _solve_graph(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
+                     grad_on: bool) -> tuple[Tensor, Tensor]:
+        """The solve under ``torch.compile`` without torchdiffeq: the eager solve's steps and
+        divergence as traceable operations (:mod:`fastflow.nn._ode_graph`)."""
+        dynamics = graph_dynamics(self.net, self.event_shape)
+        need_eps = estimator == "hutchinson" or regularize
+        eps = _probe(x, self.probe) if need_eps else None
+        exact = estimator == "exact"
+        D = x.shape[1]
+        if exact:  # the D basis vectors (and the regulariser's probe) as cotangents
+            cotangents = basis_probes(x)
+            if regularize:
+                cotangents = torch.cat([cotangents, eps.unsqueeze(0)])
+        else:
+            cotangents = eps.unsqueeze(0)
+        T = self.end_time
+
+        def func(s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            f, vjps = dynamics(s * T, state[0], cotangents)
+            if exact:
+                div = torch.diagonal(vjps[:D], dim1=0, dim2=2).sum(-1)
+            else:  # (eps itself is not closed over: a view of it would alias in the loop)
+                div = (vjps[0] * cotangents[0]).sum(1)
+            out = (T * f, T * div)
+            if regularize:
+                out = out + (T * f.pow(2).sum(1), T * vjps[-1].pow(2).sum(1))
+            return out
+
+        zeros = x.new_zeros(x.shape[0])
+        state = (x, zeros) + ((zeros, zeros) if regularize else ())
+        step = None
+        if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
+            step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device).div(T.detach().to(torch.float64))
+        params = (T,) + tuple(self.net.parameters())
+        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
+        # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
+        # an object mutated before it)
+        self.last_estimator = estimator
+        self.last_kinetic = final[2] if regularize and self.kinetic else None
+        self.last_jacobian_frobenius = final[3] if regularize and self.jacobian_frobenius else None
+        self._last_dynamics = []
+        self._last_probe = None
+        self._last_graph = True
+        self._last_nfe = nfe
+        return final[0], final[1]
+
+    @torch.compiler.disable(
+        reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
+        "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
+        "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
+        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, and adjoint=False or no "
+        "gradients); adjoint=True with gradients, other solvers and other nets run eagerly "
+        "(fastflow.nn.continuous docstring)"
+    )
+    def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
+                           grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
+        """The solve on torchdiffeq and autograd (eager; the reference of every other path)."""
         td = _torchdiffeq()
         with _autograd_on():
             if inference:
@@ -844,6 +939,7 @@ class CNF(Transform):
             dyn.backward_phase = True
         self._last_dynamics = [dyn]
         self._last_probe = None
+        self._last_graph = False
         self._last_nfe = dyn.nfe
         final = [o[-1] for o in out]
         if inference or not grad_on:

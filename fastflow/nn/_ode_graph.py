@@ -1,0 +1,413 @@
+"""The CNF solve as traceable PyTorch operations: what :class:`~fastflow.nn.CNF` runs under
+``torch.compile`` when the native :func:`~fastflow.ops.cnf_dopri5.cnf_dopri5` operator does not
+take the solve.
+
+torchdiffeq's adaptive loop is data-dependent Python control flow, and its dynamics take the
+divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
+
+* the solver is a ``torch._higher_order_ops.while_loop`` (one node of the graph, autograd through
+  it): dopri5 with torchdiffeq's step control replayed operation for operation (first step from
+  the derivatives, ``Perturb.PREV`` on the stages at the step's end, the mixed RMS error norm over
+  the state's parts, the accepted/rejected step as ``torch.where``, the step-size update outside
+  autograd, the fourth-order dense output at the end time), so that a compiled solve takes the
+  steps of the eager one and the gradient (``adjoint=False``) is that of the same discrete solve,
+  including the first step size's dependence on the input and the parameters; and the fixed-step
+  solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule ``rk4_alt_step_func``) on torchdiffeq's
+  grid (``ceil(1 / h + 1)`` points, the last one moved onto the end time), whose number of steps
+  depends on the learned ``T``;
+* the divergence is a hand-written vector-Jacobian product through the known dynamics
+  (:class:`~fastflow.nn.ODEnet` and :class:`~fastflow.nn.ODEConvNet`, concat and concat-squash
+  layers, tanh and softplus): ``eps^T df/dz`` by the transposed layer maps (``W^T`` for a linear
+  layer, ``conv_transpose2d`` for a convolution; the time parts drop out, the gate multiplies,
+  an activation multiplies by its derivative at the pre-activation), so Hutchinson's estimate
+  ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
+  regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations
+  that autograd differentiates.
+
+Only dopri5 among the adaptive solvers, and only those nets (the CNF keeps the eager torchdiffeq
+path for the others).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "odeint_graph"]
+
+#: The solvers the in-graph solve replays.
+GRAPH_SOLVERS = ("dopri5", "rk4", "euler", "midpoint")
+#: Adaptive steps (accepted and rejected) after which the in-graph dopri5 loop stops and the
+#: solve's output is NaN (torchdiffeq has no limit; a solve that needs this many has failed).
+MAX_STEPS = 100_000
+
+# Dormand-Prince (torchdiffeq's _DORMAND_PRINCE_SHAMPINE_TABLEAU and DPS_C_MID)
+_ALPHA = [1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
+_BETA = [
+    [1 / 5],
+    [3 / 40, 9 / 40],
+    [44 / 45, -56 / 15, 32 / 9],
+    [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+    [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+    [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
+]
+_C_ERROR = [
+    35 / 384 - 1951 / 21600,
+    0,
+    500 / 1113 - 22642 / 50085,
+    125 / 192 - 451 / 720,
+    -2187 / 6784 - -12231 / 42400,
+    11 / 84 - 649 / 6300,
+    -1.0 / 60.0,
+]
+_C_MID = [
+    6025192743 / 30085553152 / 2, 0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
+    187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2,
+]
+_ORDER = 5
+_SAFETY, _IFACTOR, _DFACTOR = 0.9, 10.0, 0.2
+
+
+# -- the dynamics -------------------------------------------------------------------------------
+
+
+def _act_derivative(activation: str, pre: Tensor) -> Tensor:
+    if activation == "tanh":
+        return 1 - torch.tanh(pre).pow(2)
+    return torch.sigmoid(pre)  # softplus' derivative
+
+
+def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """For an :class:`~fastflow.nn.ODEnet` (``event_shape = (D,)``) or an
+    :class:`~fastflow.nn.ODEConvNet` (``event_shape = (C, H, W)``), the function
+    ``(t, z, cotangents) -> (f, vjps)``: ``f = net(t, z)`` on the flat state ``z [B, D]`` and
+    ``vjps[p] = cotangents[p]^T df/dz`` (``cotangents`` and ``vjps`` of shape ``[P, B, D]``), by
+    hand through the layers (module docstring), in the operations of the layers' own forward."""
+    shape = tuple(int(d) for d in event_shape)
+    if len(shape) not in (1, 3) or not hasattr(net, "layers") or getattr(net, "layer", None) not in (
+        "concatsquash", "concat"
+    ):
+        raise ValueError(
+            f"net must be an ODEnet on (D,) or an ODEConvNet on (C, H, W), got {type(net).__name__} "
+            f"on {shape}"
+        )
+    conv = len(shape) == 3
+    layers = list(net.layers)
+    squash = net.layer == "concatsquash"
+    activation = net.activation
+    act = net._act
+
+    def run(t: Tensor, z: Tensor, cotangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        batch = z.shape[0]
+        h = z.reshape(batch, *shape) if conv else z
+        tt = t.reshape(1, 1)
+        saved = []  # per layer: (the gate or None, the pre-activation or None)
+        last = len(layers) - 1
+        for k, layer in enumerate(layers):
+            if conv:
+                if squash:
+                    gate = torch.sigmoid(layer.hyper_gate(tt)).view(1, -1, 1, 1)
+                    out = layer.conv(h) * gate + layer.hyper_bias(tt).view(1, -1, 1, 1)
+                else:
+                    gate = None
+                    tc = tt.reshape(1, 1, 1, 1).expand(batch, 1, h.shape[2], h.shape[3])
+                    out = layer.conv(torch.cat([tc, h], dim=1))
+            elif squash:
+                gate = torch.sigmoid(layer.hyper_gate(tt))
+                out = layer.linear(h) * gate + layer.hyper_bias(tt)
+            else:
+                gate = None
+                out = layer.linear(torch.cat([tt.expand(batch, 1), h], dim=1))
+            if k < last:
+                saved.append((gate, out))
+                h = act(out)
+            else:
+                saved.append((gate, None))
+                h = out
+        f = h.reshape(batch, -1)
+        if cotangents is None:
+            return f, None
+        n_probes = cotangents.shape[0]
+        v = cotangents.reshape(n_probes * batch, *shape) if conv else cotangents
+        for k in range(last, -1, -1):
+            layer = layers[k]
+            gate, pre = saved[k]
+            if pre is not None:  # through the activation after this layer
+                d = _act_derivative(activation, pre)
+                if conv:
+                    v = (v.reshape(n_probes, *d.shape) * d).reshape(n_probes * batch, *d.shape[1:])
+                else:
+                    v = v * d
+            if gate is not None:
+                v = v * gate
+            if conv:
+                weight = layer.conv.weight if squash else layer.conv.weight[:, 1:]
+                v = F.conv_transpose2d(v, weight, padding=layer.padding)
+            else:
+                weight = layer.linear.weight if squash else layer.linear.weight[:, 1:]
+                v = v @ weight
+        return f, v.reshape(n_probes, batch, -1)
+
+    return run
+
+
+# -- the solvers --------------------------------------------------------------------------------
+
+
+def _flat_to_shape(y: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
+    out, total = [], 0
+    for shape in shapes:
+        n = shape.numel()
+        out.append(y[total:total + n].view(shape))
+        total += n
+    return tuple(out)
+
+
+def _mixed_rms(y: Tensor, shapes: list[torch.Size]) -> Tensor:
+    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts. (torchdiffeq
+    picks the largest with Python's ``max``, so the others are not differentiated; here a part
+    whose RMS is 0, such as the log-det's zero start, must not put sqrt's infinite derivative
+    at 0 into the gradient: NaN.)"""
+    rms = []
+    for p in _flat_to_shape(y, shapes):
+        ms = p.abs().pow(2).mean()
+        positive = ms > 0
+        rms.append(torch.where(positive, torch.where(positive, ms, torch.ones_like(ms)).sqrt(),
+                               torch.zeros_like(ms)))
+    return torch.stack(rms).max()
+
+
+def odeint_graph(
+    func: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
+    y0: tuple[Tensor, ...],
+    reverse: bool,
+    method: str,
+    rtol: float,
+    atol: float,
+    step_size: Tensor | None = None,
+    params: Sequence[Tensor] = (),
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """``torchdiffeq.odeint(func, y0, t, rtol, atol, method)`` at the end time, with ``t = [0, 1]``
+    (``reverse``: ``[1, 0]``) in ``y0``'s dtype, as traceable operations (module docstring).
+
+    Arguments:
+        func: ``func(s, state) -> derivatives`` (tuples of tensors of ``y0``'s shapes), ``s`` a
+            0-d tensor of ``y0``'s dtype.
+        y0: the initial state, a tuple of tensors of one floating dtype.
+        reverse: integrate from 1 to 0.
+        method: one of :data:`GRAPH_SOLVERS`.
+        rtol, atol: tolerances of dopri5.
+        step_size: of the fixed-step solvers, in ``s`` (a 0-d float64 tensor, or a number).
+        params: every tensor ``func`` closes over that may require grad (the parameters, the
+            end time; as torchdiffeq's ``adjoint_params``). The loop's carried state is tied to
+            them by a zero, so that it requires grad from the first iteration on:
+            ``while_loop``'s autograd silently drops the gradient of a carry that gains (or
+            loses) ``requires_grad`` in the body, e.g. a state that starts as data and picks up
+            the parameters' gradients in the first step.
+
+    Returns ``(state at the end, nfe)``: ``nfe`` (0-d int64) the evaluations of ``func``.
+    """
+    if method not in GRAPH_SOLVERS:
+        raise ValueError(f"method must be one of {GRAPH_SOLVERS}, got {method!r}")
+    if not isinstance(y0, tuple) or not y0 or not all(isinstance(p, Tensor) for p in y0):
+        raise ValueError("y0 must be a non-empty tuple of tensors")
+    shapes = [p.shape for p in y0]
+    y = torch.cat([p.reshape(-1) for p in y0])
+    for p in params:  # (a zero: see params)
+        if isinstance(p, Tensor) and p.requires_grad and p.numel() > 0:
+            y = y + 0 * p.reshape(-1)[0].to(y.dtype)
+    dtype = y.dtype
+    t = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=dtype, device=y.device)
+    if reverse:
+        t = -t
+
+    def flat_func(s: Tensor, state: Tensor, prev: bool = False) -> Tensor:
+        # torchdiffeq's _PerturbFunc(_ReverseFunc(_TupleFunc(func))): the time in the state's
+        # dtype, one float below for the stages at a step's end
+        s = s.to(dtype)
+        if prev:
+            s = s + (torch.nextafter(s, s - 1) - s).detach()
+        if reverse:
+            f = func(-s, _flat_to_shape(state, shapes))
+            return -1.0 * torch.cat([p.reshape(-1) for p in f])
+        f = func(s, _flat_to_shape(state, shapes))
+        return torch.cat([p.reshape(-1) for p in f])
+
+    if method == "dopri5":
+        y_end, nfe = _dopri5(flat_func, y, t, shapes, rtol, atol)
+    else:
+        if step_size is None:
+            raise ValueError(f"step_size must be given for the fixed-step solver {method!r}")
+        y_end, nfe = _fixed_grid(flat_func, y, t, method, step_size)
+    return _flat_to_shape(y_end, shapes), nfe
+
+
+def _fixed_grid(func: Callable[..., Tensor], y: Tensor, t: Tensor, method: str,
+                step_size: Tensor | float) -> tuple[Tensor, Tensor]:
+    """torchdiffeq's FixedGridODESolver from ``t[0]`` to ``t[1]``."""
+    from torch._higher_order_ops import while_loop
+
+    dtype = y.dtype
+    start, end = t[0].clone(), t[1].clone()  # (views of one tensor would alias in the loop)
+    step = torch.as_tensor(step_size, dtype=torch.float64, device=y.device).to(dtype)
+    n_steps = (torch.ceil((end - start) / step + 1) - 1).to(torch.int64)  # grid points - 1
+    evals = {"euler": 1, "midpoint": 2, "rk4": 4}[method]
+
+    def cond(i: Tensor, y: Tensor) -> Tensor:
+        return i < n_steps
+
+    def body(i: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        t0 = i.to(dtype) * step + start
+        t1 = torch.where(i + 1 == n_steps, end, (i + 1).to(dtype) * step + start)
+        dt = t1 - t0
+        f0 = func(t0, y)
+        if method == "euler":
+            dy = dt * f0
+        elif method == "midpoint":
+            half_dt = 0.5 * dt
+            y_mid = y + f0 * half_dt
+            dy = dt * func(t0 + half_dt, y_mid)
+        else:  # torchdiffeq's rk4_alt_step_func (the 3/8 rule)
+            k1 = f0
+            k2 = func(t0 + dt * (1 / 3), y + dt * k1 * (1 / 3))
+            k3 = func(t0 + dt * (2 / 3), y + dt * (k2 - k1 * (1 / 3)))
+            k4 = func(t1, y + dt * (k1 - k2 + k3))
+            dy = (k1 + 3 * (k2 + k3) + k4) * dt * 0.125
+        return i + 1, y + dy
+
+    i0 = torch.zeros((), dtype=torch.int64, device=y.device)
+    _, y_end = while_loop(cond, body, (i0, y.clone()))
+    return y_end, n_steps * evals
+
+
+def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[torch.Size],
+            rtol: float, atol: float) -> tuple[Tensor, Tensor]:
+    """torchdiffeq's dopri5 (RKAdaptiveStepsizeODESolver) from ``t[0]`` to ``t[1]``."""
+    from torch._higher_order_ops import while_loop
+
+    dtype, device = y0.dtype, y0.device
+    t_dtype = torch.promote_types(torch.float64, dtype)
+    rtol_t = torch.tensor(rtol, dtype=t_dtype, device=device)
+    atol_t = torch.tensor(atol, dtype=t_dtype, device=device)
+    t = t.to(t_dtype)
+    t0, t_end = t[0].clone(), t[1].clone()
+    alpha = torch.tensor(_ALPHA, dtype=dtype, device=device)
+    beta = [torch.tensor(b, dtype=dtype, device=device) for b in _BETA]
+    c_error = torch.tensor(_C_ERROR, dtype=dtype, device=device)
+    c_mid = torch.tensor(_C_MID, dtype=dtype, device=device)
+
+    def norm(v: Tensor) -> Tensor:
+        return _mixed_rms(v, shapes)
+
+    # _select_initial_step (order 4: dopri5's order - 1), differentiable as in torchdiffeq
+    f0 = func(t0, y0)
+    scale = atol_t + torch.abs(y0) * rtol_t
+    d0 = norm(y0 / scale).abs()
+    d1 = norm(f0 / scale).abs()
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.tensor(1e-6, dtype=dtype, device=device),
+                     0.01 * d0 / torch.where(small, torch.ones_like(d1), d1))
+    h0 = h0.abs()
+    y1 = y0 + h0 * f0
+    f1 = func(t0 + h0, y1)
+    d2 = torch.abs(norm((f1 - f0) / scale) / h0)
+    tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        tiny,
+        torch.maximum(torch.tensor(1e-6, dtype=dtype, device=device), h0 * 1e-3),
+        (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)) ** (1.0 / float(_ORDER - 1 + 1)),
+    )
+    h1 = h1.abs()
+    dt0 = torch.min(100 * h0, h1).to(t_dtype)
+
+    zero_t = torch.zeros((), dtype=t_dtype, device=device)
+    inf_t = torch.tensor(float("inf"), dtype=t_dtype, device=device)
+
+    def cond(t_prev, t_cur, dt, y, f, c0, c1, c2, c3, c4, steps):
+        return (t_end > t_cur) & (steps < MAX_STEPS) & (t_cur + torch.where(torch.isfinite(dt), dt, zero_t) > t_cur) \
+            & torch.isfinite(y).all()
+
+    def body(t_prev, t_cur, dt, y, f, c0, c1, c2, c3, c4, steps):
+        # _adaptive_step
+        dt = torch.where(torch.isfinite(dt), dt, zero_t).clamp(zero_t, inf_t)
+        t_next = t_cur + dt
+        # _runge_kutta_step: the stage times in the state's dtype
+        s0, sdt, s1 = t_cur.to(dtype), dt.to(dtype), t_next.to(dtype)
+        ks = [f]
+        yi = y
+        for i in range(6):
+            if _ALPHA[i] == 1.0:
+                ti, prev = s1, True
+            else:
+                ti, prev = s0 + alpha[i] * sdt, False
+            k = torch.stack(ks + [torch.zeros_like(f)] * (7 - len(ks)), dim=-1)
+            yi = y + torch.sum(k[..., :i + 1] * (beta[i] * sdt), dim=-1).view_as(f)
+            ks.append(func(ti, yi, prev))
+        k = torch.stack(ks, dim=-1)
+        y_new = yi
+        f_new = ks[-1]
+        y_err = torch.sum(k * (sdt * c_error), dim=-1)
+        error_tol = atol_t + rtol_t * torch.max(y.abs(), y_new.abs())
+        ratio = norm(y_err / error_tol).abs()
+        accept = (ratio <= 1) | (dt <= 0)
+        # _interp_fit
+        dty = dt.type_as(y)
+        y_mid = y + torch.sum(k * (dty * c_mid), dim=-1).view_as(y)
+        k0, k6 = k[..., 0], k[..., -1]
+        new_c = [
+            y,
+            dty * k0,
+            dty * (k6 - 4 * k0) - 11 * y - 5 * y_new + 16 * y_mid,
+            dty * (5 * k0 - 3 * k6) + 18 * y + 14 * y_new - 32 * y_mid,
+            2 * dty * (k6 - k0) - 8 * (y_new + y) + 16 * y_mid,
+        ]
+        old_c = [c0, c1, c2, c3, c4]
+        coeffs = [torch.where(accept, n, o) for n, o in zip(new_c, old_c)]
+        # _optimal_step_size, outside autograd
+        last = dt.detach()
+        r = ratio.detach()
+        r64 = r.type_as(last)
+        dfactor = torch.where(r < 1, torch.ones((), dtype=t_dtype, device=device),
+                              torch.tensor(_DFACTOR, dtype=t_dtype, device=device))
+        exponent = torch.tensor(_ORDER, dtype=t_dtype, device=device).reciprocal()
+        factor = torch.min(torch.tensor(_IFACTOR, dtype=t_dtype, device=device),
+                           torch.max(_SAFETY / r64 ** exponent, dfactor))
+        dt_next = torch.where(r == 0, last * _IFACTOR, last * factor).clamp(zero_t, inf_t)
+        return (
+            t_cur.clone(),
+            torch.where(accept, t_next, t_cur),
+            dt_next + 0 * dt,
+            torch.where(accept, y_new, y),
+            torch.where(accept, f_new, f),
+            *coeffs,
+            steps + 1,
+        )
+
+    steps0 = torch.zeros((), dtype=torch.int64, device=device)
+    # (the loop's inputs must not alias one another)
+    # Every carry keeps its requires_grad across iterations: while_loop's autograd loses the
+    # gradient of a carry that gains it in the body (the time, through the first step) or drops
+    # it (the step size, updated outside autograd); `0 * dt` links them (its gradient is zero).
+    t_start = t0 + 0 * dt0
+    carry = (t_start.clone(), t_start.clone(), dt0, y0.clone(), f0, *[y0.clone() for _ in range(5)], steps0)
+    t_prev, t_cur, _, y, _, c0, c1, c2, c3, c4, steps = while_loop(cond, body, carry)
+    # _interp_evaluate at the end time; NaN where the loop stopped short of it
+    x = ((t_end - t_prev) / (t_cur - t_prev)).to(dtype)
+    total = c0 + x * c1
+    x_power = x
+    for c in (c2, c3, c4):
+        x_power = x_power * x
+        total = total + x_power * c
+    done = t_cur >= t_end
+    # (where torchdiffeq asserts: the step size underflowed or the state is not finite)
+    torch._assert_async(
+        done, "CNF solve (dopri5 in the compiled graph) failed: the state is not finite, the step "
+        "size underflowed, or it took more than MAX_STEPS steps"
+    )
+    total = torch.where(done, total, torch.full_like(total, float("nan")))
+    return total, 2 + 6 * steps

@@ -1,0 +1,253 @@
+"""CNF / FFJORD under ``torch.compile(fullgraph=True)`` where the native ``cnf_dopri5`` operator
+does not take the solve: the in-graph solver (:mod:`fastflow.nn._ode_graph`).
+
+For each configuration (vector and image dynamics, concat and concat-squash layers, tanh and
+softplus, Hutchinson and exact divergence, dopri5 and the fixed-step solvers, the RNODE
+regularisers, no-grad eval solves and ``adjoint=False`` training solves, forward and inverse) the
+compiled call (``backend="aot_eager"``; one case on Inductor with ``fallback_random``) equals the
+eager torchdiffeq solve with the same seed: values, the number of evaluations, the regularisers,
+and the gradients w.r.t. the input and every parameter (``sqrt_T`` included).
+``torch._dynamo.explain`` counts one graph and no break for one case of each kind. Solves that
+stay on torchdiffeq (``adjoint=True`` with gradients outside the native solve) still match eager
+under a plain ``torch.compile``, and ``fullgraph=True`` raises an error that names the reason.
+
+Tiny nets and loose tolerances keep every solve short.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow.models import FFJORD
+from fastflow.nn import CNF
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+def _flow(features, dtype=torch.float64, training=True, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("hidden", (8,))
+    kwargs.setdefault("atol", 1e-5)
+    kwargs.setdefault("rtol", 1e-5)
+    flow = FFJORD(features, **kwargs).to(dtype)
+    flow.train(training)
+    return flow
+
+
+def _run(flow, x, fn, grad):
+    """``fn(x)`` with the seed reset (the same probes), and the gradients of its sum w.r.t. ``x``
+    and every parameter (None without ``grad``; ``grad="params"``: the parameters' only, the
+    input as data that does not require grad)."""
+    flow.zero_grad()
+    x = x.detach().clone().requires_grad_(grad is True)
+    torch.manual_seed(7)
+    if grad:
+        out = fn(x)
+        total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+        total.backward()
+        grads = ([x.grad] if grad is True else []) + [p.grad for p in flow.parameters()]
+        assert all(g is not None for g in grads)
+        grads = [g.clone() for g in grads]
+    else:
+        with torch.no_grad():
+            out = fn(x)
+        grads = None
+    blocks = flow.blocks if hasattr(flow, "blocks") else [flow]
+    diag = [(b.last_nfe, b.last_kinetic, b.last_jacobian_frobenius) for b in blocks]
+    return out, grads, diag
+
+
+def _compiled_matches_eager(flow, x, method="log_prob", grad=True, tol=F64, backend="aot_eager"):
+    torch._dynamo.reset()
+    fn = getattr(flow, method)
+    got, got_grads, got_diag = _run(flow, x, torch.compile(fn, fullgraph=True, backend=backend), grad)
+    want, want_grads, want_diag = _run(flow, x, fn, grad)
+    torch.testing.assert_close(got, want, **tol)
+    if grad:
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=10 * tol["rtol"], atol=10 * tol["atol"])
+    for (nfe, kin, jac), (nfe_w, kin_w, jac_w) in zip(got_diag, want_diag):
+        assert nfe == nfe_w  # the same steps
+        assert isinstance(nfe, int)
+        for a, b in ((kin, kin_w), (jac, jac_w)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, **tol)
+    torch._dynamo.reset()
+
+
+def _one_graph(fn, x, grad=True):
+    torch._dynamo.reset()
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        explain = torch._dynamo.explain(fn)(x)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+
+
+# -- adaptive dopri5 --------------------------------------------------------------------------
+# (a training solve's compilation is the slow part, about 15 s each here: two such cases; the
+# image dynamics are trained in the fixed-step cases, where it costs a few seconds)
+
+DOPRI5_TRAIN = [
+    # (features, layer, activation, estimator, regularised, grad)
+    (2, "concatsquash", "tanh", "hutchinson", False, "params"),
+    (3, "concat", "softplus", "exact", True, True),
+]
+
+
+@pytest.mark.parametrize("features, layer, activation, estimator, regularised, grad", DOPRI5_TRAIN)
+def test_dopri5_training_without_adjoint(features, layer, activation, estimator, regularised, grad):
+    """adjoint=False training solve: values, NFE, the regularisers (Jacobian-Frobenius: eager's
+    |eps^T J|^2, by the transposed layer maps) and the gradients (input, weights, sqrt_T), also
+    through the first step size, which depends on the input and the parameters."""
+    flow = _flow(features, layer=layer, activation=activation, estimator=estimator, adjoint=False,
+                 kinetic=regularised, jacobian_frobenius=regularised)
+    x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x, grad=grad)
+    if regularised:
+        assert flow.blocks[0].last_kinetic.shape == flow.blocks[0].last_jacobian_frobenius.shape == (5,)
+
+
+DOPRI5_EVAL = [
+    (2, "concat", "tanh", "exact", torch.float64),
+    ((1, 4, 4), "concat", "softplus", "exact", torch.float64),
+    ((1, 4, 4), "concatsquash", "tanh", "hutchinson", torch.float64),
+]
+
+
+@pytest.mark.parametrize("features, layer, activation, estimator, dtype", DOPRI5_EVAL)
+def test_dopri5_no_grad_eval(features, layer, activation, estimator, dtype):
+    """Eval-mode log_prob under no_grad (the default adjoint=True: no gradients, so no adjoint).
+    (A 2-D concat-squash ODEnet would take the native solve here: tests/test_cnf_dopri5.py.)"""
+    flow = _flow(features, dtype=dtype, training=False, layer=layer, activation=activation,
+                 eval_estimator=estimator)
+    x = torch.randn(6, *flow.event_shape, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _compiled_matches_eager(flow, x, grad=False, tol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dopri5_inverse(dtype):
+    """The inverse solve (T -> 0: torchdiffeq negates the time); float32: the time in float64,
+    the stages in float32, as in torchdiffeq."""
+    torch.manual_seed(0)
+    cnf = CNF(2, hidden=(8,), layer="concat", atol=1e-5, rtol=1e-5).to(dtype).eval()
+    z = torch.randn(5, 2, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _compiled_matches_eager(cnf, z, method="inverse", grad=False, tol=tol)
+
+
+# -- fixed-step solvers ------------------------------------------------------------------------
+
+FIXED = [
+    # (features, solver, layer, estimator, training (or "params"), regularised)
+    (2, "rk4", "concatsquash", "hutchinson", "params", True),
+    (3, "euler", "concat", "exact", True, False),
+    ((1, 4, 4), "midpoint", "concatsquash", "hutchinson", True, False),
+    ((1, 4, 4), "euler", "concat", "hutchinson", True, True),
+    (2, "rk4", "concat", "exact", False, False),
+]
+
+
+@pytest.mark.parametrize("features, solver, layer, estimator, training, regularised", FIXED)
+def test_fixed_step_solvers(features, solver, layer, estimator, training, regularised):
+    """torchdiffeq's grid (the last step shortened to the end time: step 0.15 on T = 0.5 gives
+    four steps, the last 0.05), its rk4 (3/8 rule), euler and midpoint; training solves with
+    gradients (and the regularisers), eval solves without."""
+    flow = _flow(features, training=bool(training), solver=solver, step_size=0.15, layer=layer,
+                 estimator=estimator, eval_estimator=estimator, adjoint=False,
+                 kinetic=regularised, jacobian_frobenius=regularised)
+    x = torch.randn(5, *flow.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(flow, x, grad=training)
+    assert flow.blocks[0].last_nfe == 4 * {"rk4": 4, "euler": 1, "midpoint": 2}[solver]
+
+
+def test_fixed_step_float32_grid_and_learned_end_time():
+    """One compiled graph serves every T (the number of grid steps is a tensor in it), and the
+    float32 grid is torchdiffeq's (float32 arithmetic on the step in s)."""
+    flow = _flow(2, dtype=torch.float32, solver="rk4", step_size=0.15, adjoint=False)
+    x = torch.randn(4, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")
+    for T, steps in ((0.5, 4), (0.8, 6)):
+        with torch.no_grad():
+            flow.blocks[0].sqrt_T.fill_(T ** 0.5)
+        got, got_grads, _ = _run(flow, x, compiled, True)
+        assert flow.blocks[0].last_nfe == 4 * steps
+        want, want_grads, _ = _run(flow, x, flow.log_prob, True)
+        assert flow.blocks[0].last_nfe == 4 * steps
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+# -- one graph, Inductor, and what stays eager -------------------------------------------------
+
+ONE_GRAPH = [
+    # (kind, flow kwargs, grad)
+    ("dopri5 training regularised", dict(features=2, adjoint=False, kinetic=True, jacobian_frobenius=True), True),
+    ("fixed step image", dict(features=(1, 4, 4), solver="rk4", step_size=0.2, adjoint=False), True),
+    ("eval no-grad", dict(features=2, layer="concat", training=False), False),
+]
+
+
+@pytest.mark.parametrize("kind, kwargs, grad", ONE_GRAPH, ids=[c[0] for c in ONE_GRAPH])
+def test_one_graph_no_break(kind, kwargs, grad):
+    kwargs = dict(kwargs)
+    flow = _flow(kwargs.pop("features"), **kwargs)
+    _one_graph(flow.log_prob, torch.randn(4, *flow.event_shape, dtype=torch.float64), grad)
+
+
+def test_inductor_with_eager_random_numbers_matches_eager():
+    """The default backend (Inductor) with eager's random numbers (``fallback_random``): a
+    training solve (euler: the cheapest to compile, about 20 s here), values and gradients."""
+    import torch._inductor.config as inductor_config
+
+    flow = _flow(2, dtype=torch.float32, layer="concat", solver="euler", step_size=0.2, adjoint=False)
+    x = torch.randn(6, 2)
+    with inductor_config.patch(fallback_random=True):  # (the config's own patch: restored after)
+        _compiled_matches_eager(flow, x, backend="inductor", tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_adjoint_training_outside_the_native_solve_stays_eager():
+    """adjoint=True with gradients and non-native dynamics: torchdiffeq's odeint_adjoint, eager
+    inside a plain torch.compile (which matches eager, gradients included); fullgraph names the
+    reason."""
+    flow = _flow(2, layer="concat")  # adjoint=True (default), training mode
+    x = torch.randn(4, 2, dtype=torch.float64)
+    torch._dynamo.reset()
+    got, got_grads, _ = _run(flow, x, torch.compile(flow.log_prob, backend="aot_eager"), True)
+    want, want_grads, _ = _run(flow, x, flow.log_prob, True)
+    torch.testing.assert_close(got, want, **F64)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **F64)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
+        torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
+def test_bad_input_still_names_the_argument():
+    """Compiled, a wrong shape raises while tracing and a non-finite input when the graph runs,
+    naming the argument; a solve that fails (non-finite dynamics) raises instead of looping."""
+    flow = _flow(2, layer="concat", adjoint=False)
+    cnf = flow.blocks[0]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="x must have shape"):
+        torch.compile(cnf, fullgraph=True, backend="aot_eager")(torch.randn(4, 3, dtype=torch.float64))
+    torch._dynamo.reset()
+    compiled = torch.compile(cnf.inverse, fullgraph=True, backend="aot_eager")
+    bad = torch.randn(4, 2, dtype=torch.float64)
+    bad[1, 0] = float("nan")
+    with torch.no_grad():  # (a no-grad solve: quick to compile)
+        with pytest.raises(RuntimeError, match="z has non-finite values"):
+            compiled(bad)
+        cnf.net.layers[0].linear.weight.fill_(float("inf"))
+        with pytest.raises(RuntimeError, match="CNF solve .* failed"):
+            compiled(torch.randn(4, 2, dtype=torch.float64))
+    torch._dynamo.reset()
