@@ -25,7 +25,10 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   that autograd differentiates.
 
 Only dopri5 among the adaptive solvers, and only those nets (the CNF keeps the eager torchdiffeq
-path for the others).
+path for the others). The CNF uses this solve only without gradients: differentiated under the
+``aot_eager`` backend its gradients equal eager's, but under Inductor torch 2.13's backward of a
+``while_loop`` gave wrong parameter gradients for a dopri5 training solve, so solves with
+gradients stay on torchdiffeq.
 """
 
 from __future__ import annotations

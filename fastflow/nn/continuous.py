@@ -62,20 +62,24 @@ Everything else (the exact trace outside the native solve, the regularisers, oth
 ``fastflow.backend("reference")``) uses torchdiffeq and autograd in eager mode, so the layer turns
 autograd on for its own computation under ``torch.no_grad()`` and ``torch.inference_mode()``.
 
-Under ``torch.compile``: the native solve above is one node of the graph. Every other solve
-without the adjoint method (no-grad solves, ``adjoint=False`` training) whose solver is dopri5,
-rk4, euler or midpoint and whose dynamics are an :class:`ODEnet` or :class:`ODEConvNet` (either
-layer, either activation; Hutchinson or exact; with or without the regularisers; forward or
-inverse) is traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a
-``while_loop`` that replays torchdiffeq's step control operation for operation (so the compiled
-solve takes the eager solve's steps, ``last_nfe`` included, and backpropagates through the same
-discrete solve), and the divergence and the Jacobian-Frobenius regulariser by hand-written
-vector-Jacobian products through the layers (no ``torch.autograd.grad`` in the graph).
-``torch.compile(..., fullgraph=True)`` of ``forward``, ``inverse`` and a model's ``log_prob``
-then gives one graph. The remaining solves (``adjoint=True`` with gradients outside the native
-solve, the other adaptive solvers, other dynamics nets) run eagerly on torchdiffeq inside a
-compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around
-them, and ``fullgraph=True`` raises an error that names the reason.
+Under ``torch.compile``: the native solve above is one node of the graph (training with the
+adjoint, and no-grad solves). Every other solve without gradients (eval-mode ``log_prob`` and
+sampling under ``torch.no_grad()``; the regularisers are then still integrated in training mode)
+whose solver is dopri5, rk4, euler or midpoint and whose dynamics are an :class:`ODEnet` or
+:class:`ODEConvNet` (either layer, either activation; Hutchinson or exact; forward or inverse) is
+traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a ``while_loop`` that
+replays torchdiffeq's step control operation for operation (so the compiled solve takes the
+eager solve's steps, ``last_nfe`` included), and the divergence and the Jacobian-Frobenius
+regulariser by hand-written vector-Jacobian products through the layers (no
+``torch.autograd.grad`` in the graph). ``torch.compile(..., fullgraph=True)`` of ``forward``,
+``inverse`` and a model's ``log_prob`` then gives one graph. Solves with gradients outside the
+native solve (``adjoint=True`` on other dynamics, ``adjoint=False``, the regularisers, the
+fixed-step solvers), the other adaptive solvers and other dynamics nets run eagerly on
+torchdiffeq inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile``
+breaks the graph around them, and ``fullgraph=True`` raises an error that names the reason.
+(The in-graph solve is differentiable, and its gradients are right under the ``aot_eager``
+backend; under Inductor, torch 2.13's backward of a ``while_loop`` gave wrong parameter
+gradients, so no gradient is taken through it.)
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -845,10 +849,12 @@ class CNF(Transform):
 
     def _solves_in_graph(self, estimator: str, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
-        a solver it replays, no adjoint with gradients, dynamics it differentiates by hand."""
+        a solver it replays, dynamics it differentiates by hand, and no gradient through the
+        solve (backpropagating through the graph's ``while_loop`` under Inductor gave wrong
+        parameter gradients in torch 2.13: such solves stay on torchdiffeq, eagerly)."""
         return (
             self.solver in GRAPH_SOLVERS
-            and not (self.adjoint and grad_on)
+            and not grad_on
             and (
                 (type(self.net) is ODEnet and len(self.event_shape) == 1)
                 or (type(self.net) is ODEConvNet and len(self.event_shape) == 3)
@@ -905,8 +911,8 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, and adjoint=False or no "
-        "gradients); adjoint=True with gradients, other solvers and other nets run eagerly "
+        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, no gradients); solves with "
+        "gradients outside the native one, other solvers and other nets run eagerly "
         "(fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
