@@ -20,10 +20,11 @@
 * Blocks whose log-det runs on the autograd estimators (a branch of unknown structure) run
   eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
   ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises an error
-  that names the reason. FFJORD solves on torchdiffeq (concat layers here; also conv
-  dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and also
-  match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics, dopri5,
-  Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py.
+  that names the reason. FFJORD solves with gradients on torchdiffeq (concat layers here; also
+  conv dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and
+  also match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics,
+  dopri5, Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py, and the
+  solves without gradients are one graph on the in-graph solver, tests/test_cnf_compile.py.
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """
@@ -202,7 +203,7 @@ def _residual_opaque():
 
 
 def _ffjord():
-    torch.manual_seed(0)  # concat layers: autograd dynamics inside torchdiffeq's loop
+    torch.manual_seed(0)  # concat layers, with gradients: autograd dynamics in torchdiffeq's loop
     return models.FFJORD(2, hidden=(8,), layer="concat").eval(), torch.randn(5, 2)
 
 
