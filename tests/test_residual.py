@@ -691,27 +691,8 @@ def test_mlp_paths_match_the_autograd_estimators(kind, kwargs, train):
     """The exact log-det by the forward-mode Jacobian and the series with the backpropagated
     gradient by forward-mode products (MLP-structured branch) give the autograd estimators'
     values, gradients (x and every parameter) and spectral-norm state, with the same probes."""
-    import copy
-
     block = mlp_block(3, estimator=kind, eval_estimator=kind, **kwargs).train(train)
-    other = copy.deepcopy(block)
-    other.g = _Wrapped(other.g)
-    x = data(6, 3, torch.float64)
-    out = []
-    for b in (block, other):
-        xg = x.clone().requires_grad_()
-        torch.manual_seed(5)
-        y, logdet = b(xg)
-        (y.square().sum() + 3 * logdet.sum()).backward()
-        out.append((y.detach(), logdet.detach(), b.last_terms, xg.grad,
-                    [p.grad for p in b.parameters()], [t.clone() for t in b.buffers()]))
-    (y1, l1, t1, gx1, gp1, s1), (y2, l2, t2, gx2, gp2, s2) = out
-    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
-    assert t1 == t2
-    torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-11)
-    for a, b in zip(gp1 + s1, gp2 + s2):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    _compare_with_autograd_path(block, data(6, 3, torch.float64))
 
 
 # --------------------------------------------------------------------------------------------
