@@ -16,7 +16,9 @@
   with either gradient and the exact log-det, and match eager with the same seed: values, the
   roulette's number of terms, gradients w.r.t. the input and every parameter, and the
   spectral-norm and ActNorm state after two calls. The roulette's random number of terms is a
-  tensor in the graph: one compilation serves every draw. Two cases also under Inductor.
+  tensor in the graph: one compilation serves every draw. Two cases also under Inductor; the
+  MLP branch's Neumann gradients also under ``fastflow.backend("reference")`` (no native
+  operator: the products in PyTorch operations in the graph).
 * Blocks whose log-det runs on the autograd estimators (a branch of unknown structure) run
   eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
   ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises an error
@@ -343,6 +345,16 @@ def _assert_matches_eager(builder, method, x, train):
 def test_residual_block_fullgraph_matches_eager(kind, train):
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     _assert_matches_eager(lambda: _block(kind), "forward", x, train)
+
+
+@pytest.mark.parametrize("kind", ["roulette", "series_neumann"])
+def test_residual_block_fullgraph_without_the_native_operator(kind):
+    """Under fastflow.backend("reference") the MLP branch's Neumann gradients run on the MLP's
+    products in the graph (eager: the autograd estimators); float64, as the convolutional
+    cases."""
+    with fastflow.backend("reference"):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        _assert_matches_eager(lambda: _block(kind).double(), "forward", x, True)
 
 
 def test_conv_roulette_backprop_fullgraph_matches_eager():

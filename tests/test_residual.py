@@ -755,6 +755,23 @@ def test_conv_paths_match_the_autograd_estimators(kind, kwargs, train, compiling
     _compare_with_autograd_path(block, torch.randn(3, 2, 4, 4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kind,kwargs", [
+    ("roulette", dict(n_probes=2)), ("series", dict(n_terms=3, series_grad="neumann")),
+])
+@pytest.mark.parametrize("train", [True, False])
+def test_mlp_neumann_products_without_the_native_operator(kind, kwargs, train, monkeypatch):
+    """The path a compiled graph takes for an MLP branch's Neumann gradients where the native
+    operator is not used (fastflow.backend("reference")): the surrogate on the MLP's
+    products, run eagerly, against the autograd estimators."""
+    import fastflow.nn.residual as residual
+
+    monkeypatch.setattr(residual, "_compiling", lambda: True)
+    block = mlp_block(3, estimator=kind, eval_estimator=kind, **kwargs).train(train)
+    with fastflow.backend("reference"):
+        assert block._mlp_route(kind, data(6, 3, torch.float64), True) == "neumann"
+        _compare_with_autograd_path(block, data(6, 3, torch.float64))
+
+
 def test_mlp_roulette_backprop_matches_the_autograd_estimator():
     """The MLP branch's roulette with the backpropagated gradient (forward-mode products in
     PyTorch operations) against the autograd estimator."""

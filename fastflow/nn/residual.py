@@ -62,9 +62,11 @@ series with the backpropagated gradient and the roulette with ``neumann_grad=Fal
 products in eager mode too (faster and smaller than the autograd estimators there).
 
 The inverse's forward solve runs on the native fixed-point operator. Other branches (any other
-module), autocast on convolutional branches, and the Neumann gradients of MLP branches where
-the native operator is not used (``fastflow.backend("reference")``, no extension) use the
-autograd estimators of :mod:`fastflow.ops.logdet_estimators`.
+module), autocast on convolutional branches, and, in eager mode, the Neumann gradients of MLP
+branches where the native operator is not used (``fastflow.backend("reference")``, no
+extension) use the autograd estimators of :mod:`fastflow.ops.logdet_estimators`; a compiled
+graph runs those Neumann gradients on the MLP's products in PyTorch operations (the
+vector-Jacobian products by the transposed weights), as it does for convolutional branches.
 
 Roulette draws: the number of extra terms ``N`` is geometric, drawn by
 :func:`~fastflow.ops.logdet_estimators.draw_geometric_n` as a 0-d CPU tensor (one
@@ -127,7 +129,7 @@ from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette
 from fastflow.ops.logdet_estimators import draw_geometric_n, roulette_coefficients, sample_probes
 from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_traces, mlp_trace
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
-from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize
+from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize, _vjp as _mlp_vjp
 from fastflow.nn._branch_products import ConvLinearization, _wide_dot, conv_structure, power_sums
 from fastflow import _native
 
@@ -474,8 +476,9 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return "series"
         if kind == "roulette" and not neumann:
             return "power"  # the roulette's gradient backpropagated through its products
-        # the Neumann gradients without the native operator: the autograd estimators
-        return None
+        # the Neumann gradients without the native operator: the autograd estimators in eager
+        # mode (the surrogate reuses the forward's graph), the products in a compiled graph
+        return "neumann" if _compiling() else None
 
     def _native_solver(self, y: Tensor):
         """The native fixed-point solve of an MLP-structured branch (fastflow.ops.mlp_trace),
@@ -517,10 +520,15 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
             logdet = torch.linalg.slogdet(eye + J).logabsdet
             terms = x.shape[1]
-        elif route == "power":
+        elif route in ("power", "neumann"):
             code = MLP_ACTIVATIONS[act]
             gx, derivs = _mlp_linearize(x, weights, biases, (), (), betas, code, preact)
-            logdet, terms = self._roulette_backprop(x, lambda t: _mlp_jvp(t, weights, (), derivs))
+            if route == "power":
+                apply = lambda t: _mlp_jvp(t, weights, (), derivs)  # noqa: E731
+                logdet, terms = self._roulette_backprop(x, apply)
+            else:
+                vjp = lambda u: _mlp_vjp(u, weights, (), derivs)  # noqa: E731
+                logdet, terms = self._series_on_products(kind, x, vjp, need)
         elif route == "series":
             probes = sample_probes(x, self.n_probes, self.probe)
             gx, traces = mlp_power_traces(
@@ -607,26 +615,34 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             elif kind == "roulette" and need and not self.neumann_grad:
                 logdet, terms = self._roulette_backprop(x, lin.vjp)
             else:
-                n_series = self.n_terms if self.training else self.eval_n_terms
-                if kind == "series":
-                    terms = n_series
-                    value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
-                    psi: Any = [(-1) ** j for j in range(n_series)]
-                else:
-                    terms, value, psi = self._roulette_draw()
-                probes = sample_probes(x, self.n_probes, self.probe)
-                surrogate = need and (kind == "roulette" or self.series_grad == "neumann")
-                if not surrogate:
-                    logdet, _ = power_sums(lin.vjp, probes, value, terms)
-                else:
-                    # the Neumann surrogate: the series' vectors without a graph, one product
-                    # with one (module docstring)
-                    with torch.no_grad():
-                        logdet, left = power_sums(lin.vjp, probes, value, terms, psi)
-                    s = _wide_dot(lin.vjp(left), probes).mean(0)
-                    logdet = logdet + (s - s.detach())
+                logdet, terms = self._series_on_products(kind, x, lin.vjp, need)
         self.last_estimator, self.last_terms = kind, terms
         return x + lin.out, logdet
+
+    def _series_on_products(
+        self, kind: str, x: Tensor, vjp: Any, need: bool
+    ) -> tuple[Tensor, int | Tensor]:
+        """The series or the roulette on a branch's products ``vjp`` (``u -> J^T u``) in
+        PyTorch operations: the value, with the gradient (``need``) backpropagated through the
+        series' products or, for the Neumann gradients, by the surrogate. ``(logdet, terms)``."""
+        n_series = self.n_terms if self.training else self.eval_n_terms
+        terms: int | Tensor
+        if kind == "series":
+            terms = n_series
+            value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
+            psi: Any = [(-1) ** j for j in range(n_series)]
+        else:
+            terms, value, psi = self._roulette_draw()
+        probes = sample_probes(x, self.n_probes, self.probe)
+        surrogate = need and (kind == "roulette" or self.series_grad == "neumann")
+        if not surrogate:
+            return power_sums(vjp, probes, value, terms)[0], terms
+        # the Neumann surrogate: the series' vectors without a graph, one product with one
+        # (module docstring)
+        with torch.no_grad():
+            logdet, left = power_sums(vjp, probes, value, terms, psi)
+        s = _wide_dot(vjp(left), probes).mean(0)
+        return logdet + (s - s.detach()), terms
 
     # Eager under torch.compile: the autograd estimators differentiate g's graph again (VJPs
     # with create_graph), which dynamo does not capture and AOT-compiled graphs do not support
@@ -636,8 +652,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         "(torch.autograd.grad with create_graph), which torch.compile does not trace; "
         "MLP-structured branches (fastflow.nn.residual.mlp_structure) on 2-D inputs and "
         "convolutional ones (fastflow.nn._branch_products.conv_structure) on images compile "
-        "into one graph, MLP branches' Neumann gradients only with the native extension "
-        "(fastflow.nn.residual docstring)"
+        "into one graph (fastflow.nn.residual docstring)"
     )
     def _transform_autograd(
         self, kind: str, x: Tensor, need: bool, params: tuple[Tensor, ...]

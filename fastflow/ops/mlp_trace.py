@@ -345,6 +345,17 @@ def _jvp(t: Tensor, weights, gates, derivs) -> Tensor:
     return t
 
 
+def _vjp(u: Tensor, weights, gates, derivs) -> Tensor:
+    """``J^T u`` for cotangents ``u`` of shape ``[..., B, D]`` (the layers in reverse)."""
+    for l in range(len(weights) - 1, -1, -1):
+        if gates:
+            u = u * gates[l]
+        u = u @ weights[l]
+        if derivs[l] is not None:
+            u = u * derivs[l]
+    return u
+
+
 def mlp_jacobian(
     x: Tensor,
     weights: Sequence[Tensor],
