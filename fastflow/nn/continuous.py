@@ -826,12 +826,12 @@ class CNF(Transform):
         # (Dynamo cannot trace the inference-mode query; a compiled graph is not in that mode)
         inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         grad_on = torch.is_grad_enabled() and not inference
-        if torch.compiler.is_compiling() and not self._solves_natively(x, estimator, regularize, grad_on) \
-                and self._solves_in_graph(estimator, grad_on):
-            return self._solve_graph(x, reverse, estimator, regularize, grad_on)
+        native = self._solves_natively(x, estimator, regularize, grad_on)
+        if torch.compiler.is_compiling() and not native and self._solves_in_graph(estimator, grad_on):
+            return self._solve_graph(x, reverse, estimator, regularize)
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
-        if self._solves_natively(x, estimator, regularize, grad_on):
+        if native:
             # the exact trace: the basis vectors as probes
             eps = basis_probes(x) if estimator == "exact" else _probe(x, self.probe)
             # the reference's adjoint norm sees sqrt_T's adjoint when T is learned
@@ -861,10 +861,11 @@ class CNF(Transform):
             )
         )
 
-    def _solve_graph(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
-                     grad_on: bool) -> tuple[Tensor, Tensor]:
-        """The solve under ``torch.compile`` without torchdiffeq: the eager solve's steps and
-        divergence as traceable operations (:mod:`fastflow.nn._ode_graph`)."""
+    def _solve_graph(self, x: Tensor, reverse: bool, estimator: str,
+                     regularize: bool) -> tuple[Tensor, Tensor]:
+        """The solve under ``torch.compile`` without torchdiffeq and without gradients: the
+        eager solve's steps and divergence as traceable operations
+        (:mod:`fastflow.nn._ode_graph`)."""
         dynamics = graph_dynamics(self.net, self.event_shape)
         need_eps = estimator == "hutchinson" or regularize
         eps = _probe(x, self.probe) if need_eps else None
@@ -893,7 +894,8 @@ class CNF(Transform):
         state = (x, zeros) + ((zeros, zeros) if regularize else ())
         step = None
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
-            step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device).div(T.detach().to(torch.float64))
+            step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device)
+            step = step.div(T.detach().to(torch.float64))
         params = (T,) + tuple(self.net.parameters())
         final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
