@@ -11,12 +11,14 @@ products (``torch.autograd.grad`` with ``create_graph``) are not traced.
 
 :func:`power_sums` runs the power series of the log-det estimators on any such product, with a
 Python number of terms, or, inside a compiled graph, a number of terms that is a tensor (the
-roulette's draw) through ``torch._higher_order_ops.while_loop`` (differentiable).
+roulette's draw): through ``torch._higher_order_ops.while_loop`` without autograd, and with
+autograd as every capped product with zero weights past the draw (see :func:`power_sums`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
