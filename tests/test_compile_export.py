@@ -1,8 +1,9 @@
 """torch.compile and torch.export.
 
-* Every exact-log-det family (RealNVP, RealNVPImage, Glow, MAF ``forward``/``log_prob``, IAF
-  ``sample``, PlanarFlow, SylvesterFlow, LULinear, OrthogonalLinear, QRLinear, ActNorm,
-  InvertibleConv1x1, couplings, squeeze) compiles with ``fullgraph=True`` after initialisation and
+* Every exact-log-det family (RealNVP, RealNVPImage, Glow and GlowStep, MAF
+  ``forward``/``inverse``/``log_prob``, IAF ``sample``, PlanarFlow, Radial, SylvesterFlow,
+  LULinear, OrthogonalLinear, QRLinear, ActNorm, InvertibleConv1x1, couplings, squeeze,
+  Permutation, BatchNormFlow in eval mode) compiles with ``fullgraph=True`` after initialisation and
   matches eager. ``torch._dynamo.explain`` counts one graph and no graph break, so the native
   operators (``torch.ops.fastflow.*``) trace through their ``register_fake`` without breaking.
   Most cases compile with the ``aot_eager`` backend (Dynamo + AOTAutograd with fake tensors:
@@ -74,6 +75,12 @@ def _glow():
     return model
 
 
+def _glow_step():
+    step = fnn.GlowStep((2, 4, 4), hidden=4)
+    initialize_actnorm(step, torch.randn(8, 2, 4, 4))
+    return step
+
+
 def _actnorm():
     layer = fnn.ActNorm(2)
     initialize_actnorm(layer, torch.randn(8, 2, 3, 3))
@@ -88,7 +95,7 @@ CASES = {
     "realnvp": (lambda: models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1), VEC, ("forward", "inverse", "log_prob")),
     "realnvp_image": (lambda: models.RealNVPImage((2, 4, 4), n_couplings=2, hidden=4, n_hidden_layers=1), IMG, ("forward", "log_prob")),
     "glow": (_glow, IMG, ("forward", "inverse", "log_prob")),
-    "maf": (lambda: models.MAF(4, n_transforms=2, hidden=8), VEC, ("forward", "log_prob")),
+    "maf": (lambda: models.MAF(4, n_transforms=2, hidden=8), VEC, ("forward", "inverse", "log_prob")),
     "planar": (lambda: models.PlanarFlow(4, n_transforms=2), VEC, ("forward", "log_prob")),
     "sylvester_orthogonal": (lambda: models.SylvesterFlow(4, n_transforms=2, variant="orthogonal"), VEC, ("log_prob",)),
     "sylvester_householder": (lambda: models.SylvesterFlow(4, n_transforms=2, variant="householder"), VEC, ("log_prob",)),
@@ -103,6 +110,10 @@ CASES = {
     "affine_coupling_image": (lambda: fnn.AffineCoupling((2, 4, 4), mask="checkerboard", hidden=4, n_hidden_layers=1, activation="sigmoid"), IMG, ("forward", "inverse")),
     "additive_coupling": (lambda: fnn.AdditiveCoupling(4, hidden=8, n_hidden_layers=1), VEC, ("forward", "inverse")),
     "squeeze": (lambda: fnn.Squeeze(2), IMG, ("forward", "inverse")),
+    "radial": (lambda: fnn.Radial(4), VEC, ("forward",)),
+    "permutation": (lambda: fnn.Permutation(4, "random"), VEC, ("forward", "inverse")),
+    "batchnorm_flow": (lambda: fnn.BatchNormFlow(4), VEC, ("forward", "inverse")),
+    "glow_step": (_glow_step, IMG, ("forward", "inverse")),
 }
 
 
@@ -140,6 +151,27 @@ def test_fullgraph_compile_matches_eager(name):
             )
             compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
             _assert_same(compiled(x), want, method)
+
+
+def test_batchnorm_flow_training_mode_compiles_with_its_running_statistics():
+    """BatchNormFlow in training mode (batch statistics, running averages updated in the
+    forward): the compiled forward gives eager's output, gradients and running averages."""
+    torch.manual_seed(0)
+    eager = fnn.BatchNormFlow(4).train()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(6, 4)
+        want = eager(x.clone().requires_grad_())
+        got = compiled(x.clone().requires_grad_())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        gw = torch.autograd.grad(sum(o.sum() for o in want), list(eager.parameters()))
+        gc = torch.autograd.grad(sum(o.sum() for o in got), list(compiled_layer.parameters()))
+        for g, w in zip(gc, gw):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for (k, w), g in zip(eager.state_dict().items(), compiled_layer.state_dict().values()):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("name", ["realnvp", "glow", "maf"])
