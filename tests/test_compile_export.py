@@ -251,6 +251,26 @@ def test_blocks_run_eagerly_inside_compiled_models(builder):
     torch.testing.assert_close(compiled(x).detach(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_invertible_backprop_runs_under_a_plain_compile():
+    """InvertibleBackprop saves the RNG state for its recomputation, which Dynamo does not
+    trace: a plain torch.compile matches eager (values and gradients); fullgraph raises."""
+    torch.manual_seed(0)
+    wrapped = fnn.InvertibleBackprop(models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1))
+    x = torch.randn(5, 4)
+    params = list(wrapped.parameters())
+    want = wrapped.log_prob(x)
+    want_grads = torch.autograd.grad(want.sum(), params)
+    got = torch.compile(wrapped.log_prob, backend="aot_eager")(x)
+    got_grads = torch.autograd.grad(got.sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="get_rng_state"):
+        torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
 def test_autograd_estimator_blocks_break_the_graph():
     model, x = _residual_opaque()
     explanation = torch._dynamo.explain(model.log_prob)(x)
