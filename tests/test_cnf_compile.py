@@ -39,16 +39,15 @@ def _flow(features, dtype=torch.float64, training=True, **kwargs):
 
 def _run(flow, x, fn, grad):
     """``fn(x)`` with the seed reset (the same probes), and the gradients of its sum w.r.t. ``x``
-    and every parameter (None without ``grad``; ``grad="params"``: the parameters' only, the
-    input as data that does not require grad)."""
+    and every parameter (None without ``grad``)."""
     flow.zero_grad()
-    x = x.detach().clone().requires_grad_(grad is True)
+    x = x.detach().clone().requires_grad_(grad)
     torch.manual_seed(7)
     if grad:
         out = fn(x)
         total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
         total.backward()
-        grads = ([x.grad] if grad is True else []) + [p.grad for p in flow.parameters()]
+        grads = [x.grad] + [p.grad for p in flow.parameters()]
         assert all(g is not None for g in grads)
         grads = [g.clone() for g in grads]
     else:

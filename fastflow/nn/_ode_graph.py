@@ -5,13 +5,11 @@ take the solve.
 torchdiffeq's adaptive loop is data-dependent Python control flow, and its dynamics take the
 divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
 
-* the solver is a ``torch._higher_order_ops.while_loop`` (one node of the graph, autograd through
-  it): dopri5 with torchdiffeq's step control replayed operation for operation (first step from
-  the derivatives, ``Perturb.PREV`` on the stages at the step's end, the mixed RMS error norm over
-  the state's parts, the accepted/rejected step as ``torch.where``, the step-size update outside
-  autograd, the fourth-order dense output at the end time), so that a compiled solve takes the
-  steps of the eager one and the gradient (``adjoint=False``) is that of the same discrete solve,
-  including the first step size's dependence on the input and the parameters; and the fixed-step
+* the solver is a ``torch._higher_order_ops.while_loop`` (one node of the graph): dopri5 with
+  torchdiffeq's step control replayed operation for operation (first step from the derivatives,
+  ``Perturb.PREV`` on the stages at the step's end, the mixed RMS error norm over the state's
+  parts, the accepted/rejected step as ``torch.where``, the fourth-order dense output at the end
+  time), so that a compiled solve takes the steps of the eager one; and the fixed-step
   solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule ``rk4_alt_step_func``) on torchdiffeq's
   grid (``ceil(1 / h + 1)`` points, the last one moved onto the end time), whose number of steps
   depends on the learned ``T``;
@@ -21,14 +19,13 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   layer, ``conv_transpose2d`` for a convolution; the time parts drop out, the gate multiplies,
   an activation multiplies by its derivative at the pre-activation), so Hutchinson's estimate
   ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
-  regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations
-  that autograd differentiates.
+  regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
 Only dopri5 among the adaptive solvers, and only those nets (the CNF keeps the eager torchdiffeq
-path for the others). The CNF uses this solve only without gradients: differentiated under the
-``aot_eager`` backend its gradients equal eager's, but under Inductor torch 2.13's backward of a
-``while_loop`` gave wrong parameter gradients for a dopri5 training solve, so solves with
-gradients stay on torchdiffeq.
+path for the others). The solve is for calls without gradients: under Inductor, torch 2.13's
+backward of a ``while_loop`` gave wrong parameter gradients for a dopri5 training solve
+(tests/test_compile_export.py keeps a strict record of that bug), so solves with gradients stay
+on torchdiffeq, and nothing here makes a gradient through the loop right.
 """
 
 from __future__ import annotations
@@ -39,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
 __all__ = ["GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "odeint_graph"]
 
@@ -78,12 +77,6 @@ _SAFETY, _IFACTOR, _DFACTOR = 0.9, 10.0, 0.2
 # -- the dynamics -------------------------------------------------------------------------------
 
 
-def _act_derivative(activation: str, pre: Tensor) -> Tensor:
-    if activation == "tanh":
-        return 1 - torch.tanh(pre).pow(2)
-    return torch.sigmoid(pre)  # softplus' derivative
-
-
 def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[Tensor, Tensor | None]]:
     """For an :class:`~fastflow.nn.ODEnet` (``event_shape = (D,)``) or an
     :class:`~fastflow.nn.ODEConvNet` (``event_shape = (C, H, W)``), the function
@@ -101,14 +94,13 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
     conv = len(shape) == 3
     layers = list(net.layers)
     squash = net.layer == "concatsquash"
-    activation = net.activation
-    act = net._act
+    code = MLP_ACTIVATIONS[net.activation]  # the activation's value and derivative at once
 
     def run(t: Tensor, z: Tensor, cotangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
         batch = z.shape[0]
         h = z.reshape(batch, *shape) if conv else z
         tt = t.reshape(1, 1)
-        saved = []  # per layer: (the gate or None, the pre-activation or None)
+        saved = []  # per layer: (the gate or None, the activation's derivative or None)
         last = len(layers) - 1
         for k, layer in enumerate(layers):
             if conv:
@@ -126,8 +118,8 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
                 gate = None
                 out = layer.linear(torch.cat([tt.expand(batch, 1), h], dim=1))
             if k < last:
-                saved.append((gate, out))
-                h = act(out)
+                h, d = _act_deriv(code, out, None)
+                saved.append((gate, d))
             else:
                 saved.append((gate, None))
                 h = out
@@ -138,9 +130,8 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
         v = cotangents.reshape(n_probes * batch, *shape) if conv else cotangents
         for k in range(last, -1, -1):
             layer = layers[k]
-            gate, pre = saved[k]
-            if pre is not None:  # through the activation after this layer
-                d = _act_derivative(activation, pre)
+            gate, d = saved[k]
+            if d is not None:  # through the activation after this layer
                 if conv:
                     v = (v.reshape(n_probes, *d.shape) * d).reshape(n_probes * batch, *d.shape[1:])
                 else:
@@ -171,17 +162,8 @@ def _flat_to_shape(y: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
 
 
 def _mixed_rms(y: Tensor, shapes: list[torch.Size]) -> Tensor:
-    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts. (torchdiffeq
-    picks the largest with Python's ``max``, so the others are not differentiated; here a part
-    whose RMS is 0, such as the log-det's zero start, must not put sqrt's infinite derivative
-    at 0 into the gradient: NaN.)"""
-    rms = []
-    for p in _flat_to_shape(y, shapes):
-        ms = p.abs().pow(2).mean()
-        positive = ms > 0
-        rms.append(torch.where(positive, torch.where(positive, ms, torch.ones_like(ms)).sqrt(),
-                               torch.zeros_like(ms)))
-    return torch.stack(rms).max()
+    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts."""
+    return torch.stack([p.abs().pow(2).mean().sqrt() for p in _flat_to_shape(y, shapes)]).max()
 
 
 def odeint_graph(
@@ -192,7 +174,6 @@ def odeint_graph(
     rtol: float,
     atol: float,
     step_size: Tensor | None = None,
-    params: Sequence[Tensor] = (),
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``torchdiffeq.odeint(func, y0, t, rtol, atol, method)`` at the end time, with ``t = [0, 1]``
     (``reverse``: ``[1, 0]``) in ``y0``'s dtype, as traceable operations (module docstring).
@@ -205,12 +186,9 @@ def odeint_graph(
         method: one of :data:`GRAPH_SOLVERS`.
         rtol, atol: tolerances of dopri5.
         step_size: of the fixed-step solvers, in ``s`` (a 0-d float64 tensor, or a number).
-        params: every tensor ``func`` closes over that may require grad (the parameters, the
-            end time; as torchdiffeq's ``adjoint_params``). The loop's carried state is tied to
-            them by a zero, so that it requires grad from the first iteration on:
-            ``while_loop``'s autograd silently drops the gradient of a carry that gains (or
-            loses) ``requires_grad`` in the body, e.g. a state that starts as data and picks up
-            the parameters' gradients in the first step.
+
+    For solves without gradients (module docstring): nothing here keeps a gradient through the
+    loop right.
 
     Returns ``(state at the end, nfe)``: ``nfe`` (0-d int64) the evaluations of ``func``.
     """
@@ -220,9 +198,6 @@ def odeint_graph(
         raise ValueError("y0 must be a non-empty tuple of tensors")
     shapes = [p.shape for p in y0]
     y = torch.cat([p.reshape(-1) for p in y0])
-    for p in params:  # (a zero: see params)
-        if isinstance(p, Tensor) and p.requires_grad and p.numel() > 0:
-            y = y + 0 * p.reshape(-1)[0].to(y.dtype)
     dtype = y.dtype
     t = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=dtype, device=y.device)
     if reverse:
@@ -306,7 +281,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
     def norm(v: Tensor) -> Tensor:
         return _mixed_rms(v, shapes)
 
-    # _select_initial_step (order 4: dopri5's order - 1), differentiable as in torchdiffeq
+    # _select_initial_step (order 4: dopri5's order - 1)
     f0 = func(t0, y0)
     scale = atol_t + torch.abs(y0) * rtol_t
     d0 = norm(y0 / scale).abs()
@@ -371,9 +346,8 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         ]
         old_c = [c0, c1, c2, c3, c4]
         coeffs = [torch.where(accept, n, o) for n, o in zip(new_c, old_c)]
-        # _optimal_step_size, outside autograd
-        last = dt.detach()
-        r = ratio.detach()
+        # _optimal_step_size
+        last, r = dt, ratio
         r64 = r.type_as(last)
         dfactor = torch.where(r < 1, torch.ones((), dtype=t_dtype, device=device),
                               torch.tensor(_DFACTOR, dtype=t_dtype, device=device))
@@ -384,7 +358,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         return (
             t_cur.clone(),
             torch.where(accept, t_next, t_cur),
-            dt_next + 0 * dt,
+            dt_next,
             torch.where(accept, y_new, y),
             torch.where(accept, f_new, f),
             *coeffs,
@@ -393,11 +367,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
 
     steps0 = torch.zeros((), dtype=torch.int64, device=device)
     # (the loop's inputs must not alias one another)
-    # Every carry keeps its requires_grad across iterations: while_loop's autograd loses the
-    # gradient of a carry that gains it in the body (the time, through the first step) or drops
-    # it (the step size, updated outside autograd); `0 * dt` links them (its gradient is zero).
-    t_start = t0 + 0 * dt0
-    carry = (t_start.clone(), t_start.clone(), dt0, y0.clone(), f0, *[y0.clone() for _ in range(5)], steps0)
+    carry = (t0.clone(), t0.clone(), dt0, y0.clone(), f0, *[y0.clone() for _ in range(5)], steps0)
     t_prev, t_cur, _, y, _, c0, c1, c2, c3, c4, steps = while_loop(cond, body, carry)
     # _interp_evaluate at the end time; NaN where the loop stopped short of it
     x = ((t_end - t_prev) / (t_cur - t_prev)).to(dtype)

@@ -77,9 +77,8 @@ native solve (``adjoint=True`` on other dynamics, ``adjoint=False``, the regular
 fixed-step solvers), the other adaptive solvers and other dynamics nets run eagerly on
 torchdiffeq inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile``
 breaks the graph around them, and ``fullgraph=True`` raises an error that names the reason.
-(The in-graph solve is differentiable, and its gradients are right under the ``aot_eager``
-backend; under Inductor, torch 2.13's backward of a ``while_loop`` gave wrong parameter
-gradients, so no gradient is taken through it.)
+(No gradient is taken through the in-graph solve: under Inductor, torch 2.13's backward of a
+``while_loop`` gave wrong parameter gradients for a dopri5 training solve.)
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -731,7 +730,7 @@ class CNF(Transform):
         self.last_kinetic: Tensor | None = None
         self.last_jacobian_frobenius: Tensor | None = None
         self._last_dynamics: list[_Dynamics] = []  # a list: not registered as a submodule
-        self._last_graph = False  # the last solve ran in a compiled graph (adjoint=False)
+        self._last_graph = False  # the last solve ran in a compiled graph (no backward)
 
     def extra_repr(self) -> str:
         shape = self.features if len(self.event_shape) == 1 else tuple(self.event_shape)
@@ -827,7 +826,7 @@ class CNF(Transform):
         inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         grad_on = torch.is_grad_enabled() and not inference
         native = self._solves_natively(x, estimator, regularize, grad_on)
-        if torch.compiler.is_compiling() and not native and self._solves_in_graph(estimator, grad_on):
+        if torch.compiler.is_compiling() and not native and self._solves_in_graph(grad_on):
             return self._solve_graph(x, reverse, estimator, regularize)
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
@@ -847,7 +846,7 @@ class CNF(Transform):
             return z, logdet
         return self._solve_torchdiffeq(x, reverse, estimator, regularize, grad_on, inference)
 
-    def _solves_in_graph(self, estimator: str, grad_on: bool) -> bool:
+    def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
         a solver it replays, dynamics it differentiates by hand, and no gradient through the
         solve (backpropagating through the graph's ``while_loop`` under Inductor gave wrong
@@ -896,8 +895,7 @@ class CNF(Transform):
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
             step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device)
             step = step.div(T.detach().to(torch.float64))
-        params = (T,) + tuple(self.net.parameters())
-        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
+        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step)
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
         # an object mutated before it)
         self.last_estimator = estimator
