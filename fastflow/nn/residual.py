@@ -126,6 +126,7 @@ from fastflow._checks import on_fail as _check_on_fail
 from fastflow._checks import positive_float as _check_positive_float
 from fastflow.ops.fixed_point import FixedPointResult, fixed_point_inverse
 from fastflow.ops.logdet_estimators import PROBES, logdet_exact, logdet_roulette, logdet_series
+from fastflow.ops.logdet_estimators import logdet_identity_plus
 from fastflow.ops.logdet_estimators import draw_geometric_n, roulette_coefficients, sample_probes
 from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_traces, mlp_trace
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
@@ -174,6 +175,12 @@ def _autograd_on() -> Iterator[bool]:
     else:
         with torch.enable_grad():
             yield False
+
+
+def _series_coefficients(n: int) -> tuple[list[float], list[float]]:
+    """The truncated series' term weights ``(-1)^(k+1) / k`` (``k = 1..n``) and its Neumann
+    gradient's ``(-1)^j`` (``j = 0..n-1``)."""
+    return [(-1) ** (k + 1) / k for k in range(1, n + 1)], [float((-1) ** j) for j in range(n)]
 
 
 def _compiling() -> bool:
@@ -516,9 +523,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         terms: int | Tensor
         if route == "jacobian":
             gx, J = mlp_jacobian(x, weights, biases, betas, act, preact)
-            J = J.to(torch.promote_types(J.dtype, torch.float32))
-            eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
-            logdet = torch.linalg.slogdet(eye + J).logabsdet
+            logdet = logdet_identity_plus(J)
             terms = x.shape[1]
         elif route in ("power", "neumann"):
             code = MLP_ACTIVATIONS[act]
@@ -535,15 +540,13 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
                 x, weights, biases, betas, act, preact, probes=probes, n_terms=n_series
             )
             coeffs = torch.tensor(
-                [(-1) ** (k + 1) / k for k in range(1, n_series + 1)],
-                dtype=traces.dtype, device=traces.device,
+                _series_coefficients(n_series)[0], dtype=traces.dtype, device=traces.device
             )
             logdet = (coeffs[:, None] * traces).sum(0)
             terms = n_series
         else:
             if kind == "series":
-                value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
-                psi: Any = [(-1) ** j for j in range(n_series)]
+                value, psi = _series_coefficients(n_series)
                 terms = n_series
             else:
                 terms, value, psi = self._roulette_draw()
@@ -607,10 +610,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             lin = ConvLinearization(steps, x)
             terms: int | Tensor
             if kind == "exact":
-                J = lin.jacobian()
-                J = J.to(torch.promote_types(J.dtype, torch.float32))
-                eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
-                logdet = torch.linalg.slogdet(eye + J).logabsdet
+                logdet = logdet_identity_plus(lin.jacobian())
                 terms = x[0].numel()
             elif kind == "roulette" and need and not self.neumann_grad:
                 logdet, terms = self._roulette_backprop(x, lin.vjp)
@@ -627,10 +627,11 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         series' products or, for the Neumann gradients, by the surrogate. ``(logdet, terms)``."""
         n_series = self.n_terms if self.training else self.eval_n_terms
         terms: int | Tensor
+        value: list[float] | Tensor
+        psi: list[float] | Tensor
         if kind == "series":
             terms = n_series
-            value: Any = [(-1) ** (k + 1) / k for k in range(1, n_series + 1)]
-            psi: Any = [(-1) ** j for j in range(n_series)]
+            value, psi = _series_coefficients(n_series)
         else:
             terms, value, psi = self._roulette_draw()
         probes = sample_probes(x, self.n_probes, self.probe)

@@ -88,6 +88,7 @@ __all__ = [
     "ROULETTE_GRADIENTS",
     "jacobian",
     "logdet_exact",
+    "logdet_identity_plus",
     "logdet_series",
     "logdet_roulette",
     "roulette_tail_prob",
@@ -205,7 +206,12 @@ def logdet_exact(x: Tensor, gx: Tensor, create_graph: bool | None = None) -> Ten
     ``create_graph`` (default: grad mode). Costs ``D`` vector-Jacobian products and a batched
     ``D x D`` determinant: for small ``D`` (2-D toy data, tests, evaluation).
     """
-    J = jacobian(x, gx, create_graph)
+    return logdet_identity_plus(jacobian(x, gx, create_graph))
+
+
+def logdet_identity_plus(J: Tensor) -> Tensor:
+    """``log|det(I + J)|`` of per-sample Jacobians ``J`` ``[B, D, D]``, ``[B]``, float32 or wider
+    (differentiable)."""
     J = J.to(_wide(J.dtype))
     eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
     return torch.linalg.slogdet(eye + J).logabsdet
