@@ -44,6 +44,7 @@ import fastflow
 from fastflow import models
 from fastflow import nn as fnn
 from fastflow.nn import initialize_actnorm
+from fastflow.nn._loops import loop_gradients_in_graph
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -432,22 +433,52 @@ def test_residual_flow_image_fullgraph_matches_eager(method, train):
     _assert_matches_eager(_image_flow, method, torch.randn(3, 1, 4, 4, dtype=torch.float64), train)
 
 
-@pytest.mark.parametrize("kind", ["roulette_backprop", "conv_roulette"])
-def test_residual_inductor_gradients_match_eager(kind):
+def _graph_has_while_loop(block, x):
+    """Whether the compiled block's graph (aot_eager, training with gradients) holds a
+    while_loop."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.compile(copy.deepcopy(block), fullgraph=True, backend=capture)(x.clone().requires_grad_())
+    torch._dynamo.reset()
+    return any("while_loop" in gm.code for gm in graphs)
+
+
+@pytest.mark.parametrize("kind, loop_gradients", [
+    ("roulette_backprop", False),
+    ("conv_roulette", False),
+    ("roulette_backprop", True),
+    ("conv_roulette_backprop", True),
+])
+def test_residual_inductor_gradients_match_eager(kind, loop_gradients):
     """Under the default Inductor backend (with eager's random numbers): the masked roulette
     with the backpropagated gradient, and the Neumann surrogate whose series runs in a
-    while_loop without autograd, give eager's values and gradients."""
+    while_loop without autograd, give eager's values and gradients. With donated buffers (and
+    the layout optimisation) off (fastflow.nn._loops), the backpropagated roulette runs a while_loop with its gradient
+    through it (the graph holds one; with the default setting it does not), and its gradients
+    are eager's too."""
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     block = _block(kind).eval()  # eval: no power-iteration update (the same weights twice)
-    out = []
-    for fn in (block, torch.compile(block, fullgraph=True)):
-        with torch._inductor.config.patch(fallback_random=True):
-            torch.manual_seed(3)
-            xr = x.clone().requires_grad_()
-            y, logdet = fn(xr)
-            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(),
-                                        [xr, *block.parameters()])
-        out.append((logdet.detach(), grads))
+    with torch._functorch.config.patch(donated_buffer=not loop_gradients), \
+            torch._inductor.config.patch(layout_optimization=not loop_gradients):
+        if kind.endswith("backprop"):
+            assert _graph_has_while_loop(block, x) == loop_gradients
+        out = []
+        for fn in (block, torch.compile(block, fullgraph=True)):
+            with torch._inductor.config.patch(fallback_random=True):
+                torch.manual_seed(3)
+                xr = x.clone().requires_grad_()
+                y, logdet = fn(xr)
+                grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(),
+                                            [xr, *block.parameters()])
+            out.append((logdet.detach(), grads))
+    torch._dynamo.reset()
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
@@ -519,18 +550,16 @@ def test_export_log_prob_matches_eager(name):
 
 
 # --------------------------------------------------------------------------------------------
-# why no gradient goes through a while_loop in a graph (fastflow.nn.residual and
-# fastflow.nn.continuous docstrings)
+# gradients through a while_loop in a graph (fastflow.nn._loops)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch 2.13: Inductor's while_loop backward gives a wrong weight "
-                   "gradient here; when this passes, gradients may go through the loops")
-def test_inductor_while_loop_backward_is_still_wrong():
-    """The smallest case found of the wrong gradient that keeps the roulette's backpropagated
-    series off a ``while_loop`` and the in-graph CNF solve off gradients: two tensors derived
-    from ``x`` closed over by the body. ``aot_eager`` gives eager's gradient (checked first, so
-    this test fails only on Inductor's)."""
+def _while_loop_weight_gradient_error():
+    """The smallest case found of Inductor's wrong ``while_loop`` backward: the initial carry
+    ``d * (x @ w)`` and a body that closes over ``d``, ``w`` and ``x``. The loop's body, lowered
+    in the backward graph, takes that graph's donated-buffer indices for its own inputs and
+    writes the ``x`` gradient's accumulator in place; the graph then reuses that buffer after the
+    loop for ``d * grad`` of the initial carry, and the ``w`` gradient is wrong. ``aot_eager``
+    must give eager's gradient (checked first). Returns Inductor's largest error."""
     from torch._higher_order_ops import while_loop
 
     torch.manual_seed(0)
@@ -549,8 +578,28 @@ def test_inductor_while_loop_backward_is_still_wrong():
         return while_loop(lambda k, u, total: k < 4, body, (one, u, (u * x).sum(1)))[2]
 
     (want,) = torch.autograd.grad(f(x).sum(), [w])
+    errors = {}
     for backend in ("aot_eager", "inductor"):
         torch._dynamo.reset()
         (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend=backend)(x).sum(), [w])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=backend)
+        errors[backend] = float((got - want).abs().max())
     torch._dynamo.reset()
+    assert errors["aot_eager"] < 1e-6, errors
+    return errors["inductor"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="torch 2.13/2.14: Inductor's while_loop backward with donated buffers "
+                   "gives a wrong weight gradient here; when this passes, a torch with the fix "
+                   "(pytorch/pytorch#193960) is installed and fastflow.nn._loops may allow "
+                   "gradients through loops by default")
+def test_inductor_while_loop_backward_is_still_wrong():
+    assert not loop_gradients_in_graph()  # the default setting
+    assert _while_loop_weight_gradient_error() < 1e-5
+
+
+def test_inductor_while_loop_backward_is_right_without_donated_buffers():
+    """The setting fastflow.nn._loops checks: with donated buffers off, the same case is right."""
+    with torch._functorch.config.patch(donated_buffer=False):
+        assert loop_gradients_in_graph()
+        assert _while_loop_weight_gradient_error() < 1e-5

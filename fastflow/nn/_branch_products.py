@@ -11,8 +11,9 @@ products (``torch.autograd.grad`` with ``create_graph``) are not traced.
 
 :func:`power_sums` runs the power series of the log-det estimators on any such product, with a
 Python number of terms, or, inside a compiled graph, a number of terms that is a tensor (the
-roulette's draw): through ``torch._higher_order_ops.while_loop`` without autograd, and with
-autograd as every capped product with zero weights past the draw (see :func:`power_sums`).
+roulette's draw): through ``torch._higher_order_ops.while_loop`` without autograd or where the
+loop's backward is right (:mod:`fastflow.nn._loops`), and otherwise with autograd as every
+capped product with zero weights past the draw (see :func:`power_sums`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
 __all__ = ["conv_structure", "ConvLinearization", "power_sums"]
@@ -155,6 +157,7 @@ def power_sums(
     value_coeffs: Sequence[float] | Tensor,
     n_total: int | Tensor,
     psi_coeffs: Sequence[float] | Tensor | None = None,
+    convolutions: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``(value, psi)`` of the power series on the product ``apply`` (``J`` or ``J^T``).
 
@@ -165,11 +168,12 @@ def power_sums(
     ``n_total`` is an int (a Python loop), or a 0-d integer tensor with the coefficients as
     fixed-length tensors that are zero past it
     (:func:`~fastflow.ops.logdet_estimators.roulette_coefficients`), for a compiled graph that
-    does not read the draw. Then, with autograd off, ``torch._higher_order_ops.while_loop``
-    runs exactly ``n_total`` products; with autograd on, every coefficient's product runs (the
-    cap's, ``len(value_coeffs)``) and the weights past the draw are zero: the loop's backward
-    under Inductor gave wrong gradients in torch 2.13, so no gradient goes through it.
-    ``psi_coeffs`` only with autograd off. ``n_total >= 1``.
+    does not read the draw. Then ``torch._higher_order_ops.while_loop`` runs exactly
+    ``n_total`` products, with autograd off or where a ``while_loop``'s backward is right
+    (:func:`~fastflow.nn._loops.loop_gradients_in_graph`). Otherwise, with autograd on, every
+    coefficient's product runs (the cap's, ``len(value_coeffs)``) and the weights past the draw
+    are zero. ``psi_coeffs`` only with autograd off. ``n_total >= 1``. ``convolutions``: the
+    product runs convolutions (:func:`~fastflow.nn._loops.loop_gradients_in_graph`).
     """
     if not isinstance(n_total, Tensor):
         u = probes
@@ -187,9 +191,9 @@ def power_sums(
     device = probes.device
     wide = torch.promote_types(probes.dtype, torch.float32)
     cv = torch.as_tensor(value_coeffs).to(device=device, dtype=wide)
-    if torch.is_grad_enabled():
-        if psi_coeffs is not None:
-            raise ValueError("psi_coeffs with a tensor n_total needs autograd off")
+    if torch.is_grad_enabled() and psi_coeffs is not None:
+        raise ValueError("psi_coeffs with a tensor n_total needs autograd off")
+    if torch.is_grad_enabled() and not loop_gradients_in_graph(convolutions):
         u = probes
         value = None
         for k in range(cv.shape[0]):

@@ -90,9 +90,10 @@ mode). Where the number of products follows the draw inside the graph:
   ``while_loop`` runs exactly the drawn number of products;
 * the roulette with the backpropagated gradient runs every product up to the cap
   (:func:`~fastflow.ops.logdet_estimators.geometric_max_n`, ``n_exact + 54`` for ``p = 0.5``)
-  with zero weights past the draw: one graph, but that many products per call (the
-  ``while_loop``'s backward under Inductor gave wrong gradients in torch 2.13, so no gradient
-  goes through one). The Neumann gradient (the default) has no such cost.
+  with zero weights past the draw: one graph, but that many products per call. Where a
+  ``while_loop``'s backward is right (:mod:`fastflow.nn._loops`: donated buffers off), a
+  ``while_loop`` runs exactly the drawn number here too. The Neumann gradient (the default) has
+  no such cost.
 * memory-efficient Neumann gradients of convolutional branches are not taken in the forward
   inside a graph (the plain surrogate runs; same gradients).
 
@@ -573,12 +574,14 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         n = int(n_total)  # CPU tensors: no device synchronisation
         return n, value[:n].tolist(), psi[:n].tolist()
 
-    def _roulette_backprop(self, x: Tensor, apply: Any) -> tuple[Tensor, int | Tensor]:
+    def _roulette_backprop(self, x: Tensor, apply: Any,
+                           convolutions: bool = False) -> tuple[Tensor, int | Tensor]:
         """The roulette's value with its gradient backpropagated through every product
-        ``apply`` (``J`` or ``J^T``) of a branch in PyTorch operations: ``(logdet, terms)``."""
+        ``apply`` (``J`` or ``J^T``; ``convolutions``: of a convolutional branch) of a branch in
+        PyTorch operations: ``(logdet, terms)``."""
         n_total, value, _ = self._roulette_draw()
         probes = sample_probes(x, self.n_probes, self.probe)
-        logdet, _ = power_sums(apply, probes, value, n_total)
+        logdet, _ = power_sums(apply, probes, value, n_total, convolutions=convolutions)
         return logdet, n_total
 
     def _conv_route(self, kind: str, x: Tensor, need: bool) -> list | None:
@@ -613,7 +616,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
                 logdet = logdet_identity_plus(lin.jacobian())
                 terms = x[0].numel()
             elif kind == "roulette" and need and not self.neumann_grad:
-                logdet, terms = self._roulette_backprop(x, lin.vjp)
+                logdet, terms = self._roulette_backprop(x, lin.vjp, convolutions=True)
             else:
                 logdet, terms = self._series_on_products(kind, x, lin.vjp, need)
         self.last_estimator, self.last_terms = kind, terms
