@@ -7,14 +7,19 @@ fixed-step solvers, the RNODE regularisers in training mode, forward and inverse
 call (``backend="aot_eager"``; one case on Inductor with ``fallback_random``) equals the eager
 torchdiffeq solve with the same seed: values, the number of evaluations and the regularisers.
 ``torch._dynamo.explain`` counts one graph and no break for one case of each kind. Solves with
-gradients outside the native solve (``adjoint=True`` or ``adjoint=False``) stay on torchdiffeq:
-they match eager under a plain ``torch.compile``, gradients included, and ``fullgraph=True``
-raises an error that names the reason.
+gradients outside the native solve (``adjoint=True`` or ``adjoint=False``) stay on torchdiffeq
+with the default settings: they match eager under a plain ``torch.compile``, gradients
+included, and ``fullgraph=True`` raises an error that names the reason. With donated buffers
+off (:mod:`fastflow.nn._loops`), ``adjoint=False`` training runs the in-graph solve with
+gradients through it: one graph, eager's values and gradients (``aot_eager``, and one case on
+Inductor).
 
 Tiny nets and loose tolerances keep every solve short.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -37,17 +42,17 @@ def _flow(features, dtype=torch.float64, training=True, **kwargs):
     return flow
 
 
-def _run(flow, x, fn, grad):
+def _run(flow, x, fn, grad, input_grad=True):
     """``fn(x)`` with the seed reset (the same probes), and the gradients of its sum w.r.t. ``x``
-    and every parameter (None without ``grad``)."""
+    (``input_grad``) and every parameter (None without ``grad``)."""
     flow.zero_grad()
-    x = x.detach().clone().requires_grad_(grad)
+    x = x.detach().clone().requires_grad_(grad and input_grad)
     torch.manual_seed(7)
     if grad:
         out = fn(x)
         total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
         total.backward()
-        grads = [x.grad] + [p.grad for p in flow.parameters()]
+        grads = ([x.grad] if input_grad else []) + [p.grad for p in flow.parameters()]
         assert all(g is not None for g in grads)
         grads = [g.clone() for g in grads]
     else:
@@ -59,11 +64,13 @@ def _run(flow, x, fn, grad):
     return out, grads, diag
 
 
-def _compiled_matches_eager(flow, x, method="log_prob", grad=True, tol=F64, backend="aot_eager"):
+def _compiled_matches_eager(flow, x, method="log_prob", grad=True, tol=F64, backend="aot_eager",
+                            input_grad=True):
     torch._dynamo.reset()
     fn = getattr(flow, method)
-    got, got_grads, got_diag = _run(flow, x, torch.compile(fn, fullgraph=True, backend=backend), grad)
-    want, want_grads, want_diag = _run(flow, x, fn, grad)
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    got, got_grads, got_diag = _run(flow, x, compiled, grad, input_grad)
+    want, want_grads, want_diag = _run(flow, x, fn, grad, input_grad)
     torch.testing.assert_close(got, want, **tol)
     if grad:
         for g, w in zip(got_grads, want_grads):
@@ -227,6 +234,65 @@ def test_training_outside_the_native_solve_stays_eager(adjoint):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
         torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
+# -- training in the graph, where a while_loop's backward is right (fastflow.nn._loops) ---------
+
+
+def _loop_gradients():
+    """The settings under which fastflow takes gradients through the in-graph solve."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
+    stack.enter_context(torch._inductor.config.patch(layout_optimization=False))
+    return stack
+
+
+IN_GRAPH_TRAINING = [
+    # (features, flow kwargs, gradient w.r.t. the input too)
+    (2, dict(layer="concatsquash", activation="tanh"), True),
+    ((1, 4, 4), dict(layer="concat", activation="softplus", estimator="exact", kinetic=True,
+                     jacobian_frobenius=True), False),
+    ((1, 4, 4), dict(solver="midpoint", step_size=0.15, layer="concatsquash"), True),
+    (2, dict(solver="rk4", step_size=0.15, kinetic=True, jacobian_frobenius=True), False),
+]
+
+
+@pytest.mark.parametrize("features, kwargs, input_grad", IN_GRAPH_TRAINING)
+def test_training_in_graph_with_loop_gradients(features, kwargs, input_grad):
+    """adjoint=False training compiles into one graph and gives eager's log-density, gradients
+    (w.r.t. every parameter, the learned end time included, and the input where it requires
+    grad; where it does not, as data in training, the solve's state picks up the parameters'
+    gradient only inside the loop), NFE and regularisers: the gradient of the same discrete
+    solve (dopri5's first step size and step control included)."""
+    flow = _flow(features, adjoint=False, **kwargs)
+    x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
+    with _loop_gradients():
+        _one_graph(flow.log_prob, x, grad=True)
+        _compiled_matches_eager(flow, x, grad=True, input_grad=input_grad)
+    assert flow.blocks[0].sqrt_T.requires_grad
+
+
+def test_training_in_graph_on_inductor_matches_eager():
+    """The same on the default backend (Inductor, eager's random numbers): a fixed-step solve
+    whose number of steps follows the learned end time (about 30 s to compile here)."""
+    import torch._inductor.config as inductor_config
+
+    flow = _flow(2, solver="rk4", step_size=0.15, adjoint=False)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    with _loop_gradients(), inductor_config.patch(fallback_random=True):
+        _compiled_matches_eager(flow, x, grad=True, backend="inductor")
+
+
+def test_adjoint_training_stays_eager_with_loop_gradients():
+    """adjoint=True outside the native solve stays on torchdiffeq's adjoint (its gradients are
+    not those of backpropagation through the solve), with either setting."""
+    flow = _flow(2, layer="concat", adjoint=True)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with _loop_gradients():
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
+            torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
     torch._dynamo.reset()
 
 

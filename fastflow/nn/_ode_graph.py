@@ -22,10 +22,11 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
 Only dopri5 among the adaptive solvers, and only those nets (the CNF keeps the eager torchdiffeq
-path for the others). The solve is for calls without gradients: under Inductor, torch 2.13's
-backward of a ``while_loop`` gave wrong parameter gradients for a dopri5 training solve
-(tests/test_compile_export.py keeps a strict record of that bug), so solves with gradients stay
-on torchdiffeq, and nothing here makes a gradient through the loop right.
+path for the others). The solve is differentiable (``adjoint=False``: the gradient of the same
+discrete solve, the first step size's dependence on the input and the parameters included; the
+step-size update outside autograd, as in torchdiffeq). The CNF takes gradients through it only
+where :func:`fastflow.nn._loops.loop_gradients_in_graph` says Inductor gets a ``while_loop``'s
+backward right.
 """
 
 from __future__ import annotations
@@ -162,8 +163,16 @@ def _flat_to_shape(y: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:
 
 
 def _mixed_rms(y: Tensor, shapes: list[torch.Size]) -> Tensor:
-    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts."""
-    return torch.stack([p.abs().pow(2).mean().sqrt() for p in _flat_to_shape(y, shapes)]).max()
+    """torchdiffeq's default norm of a tuple state: the largest RMS over the parts. (A part whose
+    RMS is 0, such as the log-det's zero start, must not put sqrt's infinite derivative at 0
+    into the gradient: NaN.)"""
+    rms = []
+    for p in _flat_to_shape(y, shapes):
+        ms = p.abs().pow(2).mean()
+        positive = ms > 0
+        rms.append(torch.where(positive, torch.where(positive, ms, torch.ones_like(ms)).sqrt(),
+                               torch.zeros_like(ms)))
+    return torch.stack(rms).max()
 
 
 def odeint_graph(
@@ -174,6 +183,7 @@ def odeint_graph(
     rtol: float,
     atol: float,
     step_size: Tensor | None = None,
+    params: Sequence[Tensor] = (),
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """``torchdiffeq.odeint(func, y0, t, rtol, atol, method)`` at the end time, with ``t = [0, 1]``
     (``reverse``: ``[1, 0]``) in ``y0``'s dtype, as traceable operations (module docstring).
@@ -186,9 +196,12 @@ def odeint_graph(
         method: one of :data:`GRAPH_SOLVERS`.
         rtol, atol: tolerances of dopri5.
         step_size: of the fixed-step solvers, in ``s`` (a 0-d float64 tensor, or a number).
-
-    For solves without gradients (module docstring): nothing here keeps a gradient through the
-    loop right.
+        params: every tensor ``func`` closes over that may require grad (the parameters, the
+            end time; as torchdiffeq's ``adjoint_params``). The loop's carried state is tied to
+            them by a zero, so that it requires grad from the first iteration on:
+            ``while_loop``'s autograd drops the gradient of a carry that gains (or loses)
+            ``requires_grad`` in the body, e.g. a state that starts as data and picks up the
+            parameters' gradients in the first step.
 
     Returns ``(state at the end, nfe)``: ``nfe`` (0-d int64) the evaluations of ``func``.
     """
@@ -198,6 +211,9 @@ def odeint_graph(
         raise ValueError("y0 must be a non-empty tuple of tensors")
     shapes = [p.shape for p in y0]
     y = torch.cat([p.reshape(-1) for p in y0])
+    for p in params:  # (a zero: see params)
+        if isinstance(p, Tensor) and p.requires_grad and p.numel() > 0:
+            y = y + 0 * p.reshape(-1)[0].to(y.dtype)
     dtype = y.dtype
     t = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=dtype, device=y.device)
     if reverse:
@@ -281,7 +297,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
     def norm(v: Tensor) -> Tensor:
         return _mixed_rms(v, shapes)
 
-    # _select_initial_step (order 4: dopri5's order - 1)
+    # _select_initial_step (order 4: dopri5's order - 1), differentiable as in torchdiffeq
     f0 = func(t0, y0)
     scale = atol_t + torch.abs(y0) * rtol_t
     d0 = norm(y0 / scale).abs()
@@ -346,8 +362,9 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         ]
         old_c = [c0, c1, c2, c3, c4]
         coeffs = [torch.where(accept, n, o) for n, o in zip(new_c, old_c)]
-        # _optimal_step_size
-        last, r = dt, ratio
+        # _optimal_step_size, outside autograd
+        last = dt.detach()
+        r = ratio.detach()
         r64 = r.type_as(last)
         dfactor = torch.where(r < 1, torch.ones((), dtype=t_dtype, device=device),
                               torch.tensor(_DFACTOR, dtype=t_dtype, device=device))
@@ -358,7 +375,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         return (
             t_cur.clone(),
             torch.where(accept, t_next, t_cur),
-            dt_next,
+            dt_next + 0 * dt,
             torch.where(accept, y_new, y),
             torch.where(accept, f_new, f),
             *coeffs,
@@ -367,7 +384,11 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
 
     steps0 = torch.zeros((), dtype=torch.int64, device=device)
     # (the loop's inputs must not alias one another)
-    carry = (t0.clone(), t0.clone(), dt0, y0.clone(), f0, *[y0.clone() for _ in range(5)], steps0)
+    # Every carry keeps its requires_grad across iterations: while_loop's autograd loses the
+    # gradient of a carry that gains it in the body (the time, through the first step) or drops
+    # it (the step size, updated outside autograd); `0 * dt` links them (its gradient is zero).
+    t_start = t0 + 0 * dt0
+    carry = (t_start.clone(), t_start.clone(), dt0, y0.clone(), f0, *[y0.clone() for _ in range(5)], steps0)
     t_prev, t_cur, _, y, _, c0, c1, c2, c3, c4, steps = while_loop(cond, body, carry)
     # _interp_evaluate at the end time; NaN where the loop stopped short of it
     x = ((t_end - t_prev) / (t_cur - t_prev)).to(dtype)

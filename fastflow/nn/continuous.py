@@ -72,13 +72,16 @@ replays torchdiffeq's step control operation for operation (so the compiled solv
 eager solve's steps, ``last_nfe`` included), and the divergence and the Jacobian-Frobenius
 regulariser by hand-written vector-Jacobian products through the layers (no
 ``torch.autograd.grad`` in the graph). ``torch.compile(..., fullgraph=True)`` of ``forward``,
-``inverse`` and a model's ``log_prob`` then gives one graph. Solves with gradients outside the
-native solve (``adjoint=True`` on other dynamics, ``adjoint=False``, the regularisers, the
-fixed-step solvers), the other adaptive solvers and other dynamics nets run eagerly on
-torchdiffeq inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile``
-breaks the graph around them, and ``fullgraph=True`` raises an error that names the reason.
-(No gradient is taken through the in-graph solve: under Inductor, torch 2.13's backward of a
-``while_loop`` gave wrong parameter gradients for a dopri5 training solve.)
+``inverse`` and a model's ``log_prob`` then gives one graph. Training with ``adjoint=False``
+on those solvers and dynamics (the regularisers included) takes the same in-graph solve with
+gradients (the gradient of the same discrete solve as eager ``adjoint=False``) where a
+``while_loop``'s backward is right under Inductor: with ``torch._functorch.config.donated_buffer``
+off, and for :class:`ODEConvNet` dynamics ``torch._inductor.config.layout_optimization`` too
+(:mod:`fastflow.nn._loops`). Other solves with gradients outside the native solve
+(``adjoint=True`` on other dynamics; ``adjoint=False`` with donated buffers on), the other
+adaptive solvers and other dynamics nets run eagerly on torchdiffeq inside a compiled model
+(``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them, and
+``fullgraph=True`` raises an error that names the reason.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -107,6 +110,7 @@ from fastflow.ops.cnf_dopri5 import ACTIVATIONS as _SOLVE_ACTIVATIONS
 from fastflow.ops.cnf_dopri5 import basis_probes, cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.mlp_trace import mlp_trace
 from fastflow.nn._ode_graph import GRAPH_SOLVERS, graph_dynamics, odeint_graph
+from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
 from fastflow._checks import positive_int as _positive_int
@@ -848,12 +852,14 @@ class CNF(Transform):
 
     def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
-        a solver it replays, dynamics it differentiates by hand, and no gradient through the
-        solve (backpropagating through the graph's ``while_loop`` under Inductor gave wrong
-        parameter gradients in torch 2.13: such solves stay on torchdiffeq, eagerly)."""
+        a solver it replays, dynamics it differentiates by hand, and either no gradient through
+        the solve or a gradient by backpropagation (``adjoint=False``) where a ``while_loop``'s
+        backward is right (:func:`~fastflow.nn._loops.loop_gradients_in_graph`); otherwise the
+        solve stays on torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
-            and not grad_on
+            and (not grad_on or (not self.adjoint and loop_gradients_in_graph(
+                convolutions=type(self.net) is ODEConvNet)))
             and (
                 (type(self.net) is ODEnet and len(self.event_shape) == 1)
                 or (type(self.net) is ODEConvNet and len(self.event_shape) == 3)
@@ -862,9 +868,9 @@ class CNF(Transform):
 
     def _solve_graph(self, x: Tensor, reverse: bool, estimator: str,
                      regularize: bool) -> tuple[Tensor, Tensor]:
-        """The solve under ``torch.compile`` without torchdiffeq and without gradients: the
-        eager solve's steps and divergence as traceable operations
-        (:mod:`fastflow.nn._ode_graph`)."""
+        """The solve under ``torch.compile`` without torchdiffeq: the eager solve's steps and
+        divergence as traceable operations (:mod:`fastflow.nn._ode_graph`), differentiable as
+        the eager ``adjoint=False`` solve."""
         dynamics = graph_dynamics(self.net, self.event_shape)
         need_eps = estimator == "hutchinson" or regularize
         eps = _probe(x, self.probe) if need_eps else None
@@ -895,7 +901,8 @@ class CNF(Transform):
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
             step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device)
             step = step.div(T.detach().to(torch.float64))
-        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step)
+        params = (T,) + tuple(self.net.parameters())
+        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
         # an object mutated before it)
         self.last_estimator = estimator
@@ -911,9 +918,9 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, no gradients); solves with "
-        "gradients outside the native one, other solvers and other nets run eagerly "
-        "(fastflow.nn.continuous docstring)"
+        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, no gradients, or adjoint=False "
+        "with torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with gradients, other "
+        "solvers and other nets run eagerly (fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                            grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
