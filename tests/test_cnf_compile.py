@@ -2,7 +2,7 @@
 does not take the solve: the in-graph solver (:mod:`fastflow.nn._ode_graph`).
 
 For each configuration of a solve without gradients (vector and image dynamics, concat and
-concat-squash layers, tanh and softplus, Hutchinson and exact divergence, dopri5 and the
+concat-squash layers, tanh and softplus, Hutchinson and exact divergence, the adaptive and the
 fixed-step solvers, the RNODE regularisers in training mode, forward and inverse) the compiled
 call (``backend="aot_eager"``; one case on Inductor with ``fallback_random``) equals the eager
 torchdiffeq solve with the same seed: values, the number of evaluations and the regularisers.
@@ -135,6 +135,26 @@ def test_dopri5_no_grad_eval(features, layer, activation, estimator, dtype):
     _compiled_matches_eager(flow, x, grad=False, tol=tol)
 
 
+OTHER_ADAPTIVE = [
+    # (solver, features, dtype)
+    ("bosh3", 2, torch.float64),
+    ("bosh3", 2, torch.float32),
+    ("adaptive_heun", (1, 4, 4), torch.float64),
+    ("dopri8", 2, torch.float64),
+]
+
+
+@pytest.mark.parametrize("solver, features, dtype", OTHER_ADAPTIVE)
+def test_other_adaptive_solvers_no_grad(solver, features, dtype):
+    """bosh3 (first same as last), adaptive_heun (not: its solution from its own weights, and
+    torchdiffeq's next derivative the last stage's) and dopri8 on their torchdiffeq tableaus:
+    eager's values and number of evaluations."""
+    flow = _flow(features, dtype=dtype, training=False, layer="concat", solver=solver)
+    x = torch.randn(5, *flow.event_shape, dtype=dtype)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    _compiled_matches_eager(flow, x, grad=False, tol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dopri5_inverse(dtype):
     """The inverse solve (T -> 0: torchdiffeq negates the time); float32: the time in float64,
@@ -255,6 +275,8 @@ IN_GRAPH_TRAINING = [
                      jacobian_frobenius=True), False),
     ((1, 4, 4), dict(solver="midpoint", step_size=0.15, layer="concatsquash"), True),
     (2, dict(solver="rk4", step_size=0.15, kinetic=True, jacobian_frobenius=True), False),
+    (2, dict(solver="bosh3", layer="concat", kinetic=True, jacobian_frobenius=True), False),
+    ((1, 4, 4), dict(solver="adaptive_heun", layer="concat"), False),
 ]
 
 

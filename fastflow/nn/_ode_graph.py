@@ -5,11 +5,13 @@ take the solve.
 torchdiffeq's adaptive loop is data-dependent Python control flow, and its dynamics take the
 divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
 
-* the solver is a ``torch._higher_order_ops.while_loop`` (one node of the graph): dopri5 with
+* the solver is a ``torch._higher_order_ops.while_loop`` (one node of the graph): the adaptive
+  Runge-Kutta pairs (dopri5, bosh3, adaptive_heun, dopri8, each by its tableau) with
   torchdiffeq's step control replayed operation for operation (first step from the derivatives,
-  ``Perturb.PREV`` on the stages at the step's end, the mixed RMS error norm over the state's
-  parts, the accepted/rejected step as ``torch.where``, the fourth-order dense output at the end
-  time), so that a compiled solve takes the steps of the eager one; and the fixed-step
+  ``Perturb.PREV`` on the stages at the step's end, the solution from its own weights where the
+  last stage is not it, the mixed RMS error norm over the state's parts, the accepted/rejected
+  step as ``torch.where``, the fourth-order dense output at the end time), so that a compiled
+  solve takes the steps of the eager one; and the fixed-step
   solvers (euler, midpoint, rk4 = torchdiffeq's 3/8-rule ``rk4_alt_step_func``) on torchdiffeq's
   grid (``ceil(1 / h + 1)`` points, the last one moved onto the end time), whose number of steps
   depends on the learned ``T``;
@@ -21,8 +23,7 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
-Only dopri5 among the adaptive solvers, and only those nets (the CNF keeps the eager torchdiffeq
-path for the others). The solve is differentiable (``adjoint=False``: the gradient of the same
+Only those nets (the CNF keeps the eager torchdiffeq path for others). The solve is differentiable (``adjoint=False``: the gradient of the same
 discrete solve, the first step size's dependence on the input and the parameters included; the
 step-size update outside autograd, as in torchdiffeq). The CNF takes gradients through it only
 where :func:`fastflow.nn._loops.loop_gradients_in_graph` says Inductor gets a ``while_loop``'s
@@ -32,7 +33,7 @@ backward right.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,39 +41,90 @@ from torch.nn import functional as F
 
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
-__all__ = ["GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "odeint_graph"]
+__all__ = ["ADAPTIVE_GRAPH_SOLVERS", "GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "has_tableau",
+           "load_tableau", "odeint_graph"]
 
+#: The adaptive solvers the in-graph solve replays (torchdiffeq's Runge-Kutta pairs with step
+#: control); dopri5's tableau is written here, the others' are torchdiffeq's own
+#: (:func:`load_tableau`).
+ADAPTIVE_GRAPH_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 #: The solvers the in-graph solve replays.
-GRAPH_SOLVERS = ("dopri5", "rk4", "euler", "midpoint")
-#: Adaptive steps (accepted and rejected) after which the in-graph dopri5 loop stops and the
+GRAPH_SOLVERS = ADAPTIVE_GRAPH_SOLVERS + ("rk4", "euler", "midpoint")
+#: Adaptive steps (accepted and rejected) after which the in-graph adaptive loop stops and the
 #: solve's output is NaN (torchdiffeq has no limit; a solve that needs this many has failed).
 MAX_STEPS = 100_000
 
+
+class _Tableau(NamedTuple):
+    """An embedded Runge-Kutta pair as torchdiffeq runs it (Python floats)."""
+
+    alpha: list[float]  # the stages' times, as fractions of the step
+    beta: list[list[float]]  # the stages' weights of the previous stages
+    c_sol: list[float] | None  # the solution's weights; None: the last stage is the solution
+    c_error: list[float]  # the error estimate's weights
+    mid: list[float]  # the weights of the midpoint value of the dense output
+    order: int
+
+
 # Dormand-Prince (torchdiffeq's _DORMAND_PRINCE_SHAMPINE_TABLEAU and DPS_C_MID)
-_ALPHA = [1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0]
-_BETA = [
-    [1 / 5],
-    [3 / 40, 9 / 40],
-    [44 / 45, -56 / 15, 32 / 9],
-    [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
-    [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
-    [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
-]
-_C_ERROR = [
-    35 / 384 - 1951 / 21600,
-    0,
-    500 / 1113 - 22642 / 50085,
-    125 / 192 - 451 / 720,
-    -2187 / 6784 - -12231 / 42400,
-    11 / 84 - 649 / 6300,
-    -1.0 / 60.0,
-]
-_C_MID = [
-    6025192743 / 30085553152 / 2, 0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
-    187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2,
-]
-_ORDER = 5
+_DOPRI5 = _Tableau(
+    alpha=[1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0],
+    beta=[
+        [1 / 5],
+        [3 / 40, 9 / 40],
+        [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+        [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84],
+    ],
+    c_sol=None,
+    c_error=[
+        35 / 384 - 1951 / 21600,
+        0,
+        500 / 1113 - 22642 / 50085,
+        125 / 192 - 451 / 720,
+        -2187 / 6784 - -12231 / 42400,
+        11 / 84 - 649 / 6300,
+        -1.0 / 60.0,
+    ],
+    mid=[
+        6025192743 / 30085553152 / 2, 0, 51252292925 / 65400821598 / 2,
+        -2691868925 / 45128329728 / 2, 187940372067 / 1594534317056 / 2,
+        -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2,
+    ],
+    order=5,
+)
 _SAFETY, _IFACTOR, _DFACTOR = 0.9, 10.0, 0.2
+_TABLEAUS: dict[str, _Tableau] = {"dopri5": _DOPRI5}
+
+
+def has_tableau(method: str) -> bool:
+    """Whether the in-graph solve has ``method``'s tableau (:func:`load_tableau`)."""
+    return method in _TABLEAUS
+
+
+def load_tableau(method: str) -> bool:
+    """Make ``method``'s tableau available to the in-graph solve, from torchdiffeq's solver
+    class (the same numbers as the eager solve). Call it outside a compiled region (the CNF does
+    in its constructor). ``False`` where torchdiffeq is not installed."""
+    if method in _TABLEAUS:
+        return True
+    if method not in ADAPTIVE_GRAPH_SOLVERS:
+        raise ValueError(f"method must be one of {ADAPTIVE_GRAPH_SOLVERS}, got {method!r}")
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS as solvers
+    except ImportError:
+        return False
+    cls = solvers[method]
+    tab = cls.tableau
+    c_sol = tab.c_sol.tolist()
+    beta = [b.tolist() for b in tab.beta]
+    fsal = c_sol[-1] == 0 and c_sol[:-1] == beta[-1]  # (torchdiffeq's own test)
+    _TABLEAUS[method] = _Tableau(
+        alpha=tab.alpha.tolist(), beta=beta, c_sol=None if fsal else c_sol,
+        c_error=tab.c_error.tolist(), mid=cls.mid.tolist(), order=int(cls.order),
+    )
+    return True
 
 
 # -- the dynamics -------------------------------------------------------------------------------
@@ -231,8 +283,10 @@ def odeint_graph(
         f = func(s, _flat_to_shape(state, shapes))
         return torch.cat([p.reshape(-1) for p in f])
 
-    if method == "dopri5":
-        y_end, nfe = _dopri5(flat_func, y, t, shapes, rtol, atol)
+    if method in ADAPTIVE_GRAPH_SOLVERS:
+        if method not in _TABLEAUS:
+            raise ValueError(f"the tableau of {method!r} is not loaded: call load_tableau first")
+        y_end, nfe = _rk_adaptive(flat_func, y, t, shapes, rtol, atol, _TABLEAUS[method])
     else:
         if step_size is None:
             raise ValueError(f"step_size must be given for the fixed-step solver {method!r}")
@@ -278,9 +332,10 @@ def _fixed_grid(func: Callable[..., Tensor], y: Tensor, t: Tensor, method: str,
     return y_end, n_steps * evals
 
 
-def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[torch.Size],
-            rtol: float, atol: float) -> tuple[Tensor, Tensor]:
-    """torchdiffeq's dopri5 (RKAdaptiveStepsizeODESolver) from ``t[0]`` to ``t[1]``."""
+def _rk_adaptive(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[torch.Size],
+                 rtol: float, atol: float, tableau: _Tableau) -> tuple[Tensor, Tensor]:
+    """torchdiffeq's RKAdaptiveStepsizeODESolver (dopri5, bosh3, adaptive_heun, dopri8: their
+    ``tableau``) from ``t[0]`` to ``t[1]``."""
     from torch._higher_order_ops import while_loop
 
     dtype, device = y0.dtype, y0.device
@@ -289,15 +344,18 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
     atol_t = torch.tensor(atol, dtype=t_dtype, device=device)
     t = t.to(t_dtype)
     t0, t_end = t[0].clone(), t[1].clone()
-    alpha = torch.tensor(_ALPHA, dtype=dtype, device=device)
-    beta = [torch.tensor(b, dtype=dtype, device=device) for b in _BETA]
-    c_error = torch.tensor(_C_ERROR, dtype=dtype, device=device)
-    c_mid = torch.tensor(_C_MID, dtype=dtype, device=device)
+    order = tableau.order
+    n_stages = len(tableau.alpha)
+    alpha = torch.tensor(tableau.alpha, dtype=dtype, device=device)
+    beta = [torch.tensor(b, dtype=dtype, device=device) for b in tableau.beta]
+    c_error = torch.tensor(tableau.c_error, dtype=dtype, device=device)
+    c_mid = torch.tensor(tableau.mid, dtype=dtype, device=device)
+    c_sol = None if tableau.c_sol is None else torch.tensor(tableau.c_sol, dtype=dtype, device=device)
 
     def norm(v: Tensor) -> Tensor:
         return _mixed_rms(v, shapes)
 
-    # _select_initial_step (order 4: dopri5's order - 1), differentiable as in torchdiffeq
+    # _select_initial_step (with the solver's order - 1), differentiable as in torchdiffeq
     f0 = func(t0, y0)
     scale = atol_t + torch.abs(y0) * rtol_t
     d0 = norm(y0 / scale).abs()
@@ -314,7 +372,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
     h1 = torch.where(
         tiny,
         torch.maximum(torch.tensor(1e-6, dtype=dtype, device=device), h0 * 1e-3),
-        (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)) ** (1.0 / float(_ORDER - 1 + 1)),
+        (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)) ** (1.0 / float(order - 1 + 1)),
     )
     h1 = h1.abs()
     dt0 = torch.min(100 * h0, h1).to(t_dtype)
@@ -334,15 +392,17 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         s0, sdt, s1 = t_cur.to(dtype), dt.to(dtype), t_next.to(dtype)
         ks = [f]
         yi = y
-        for i in range(6):
-            if _ALPHA[i] == 1.0:
+        for i in range(n_stages):
+            if tableau.alpha[i] == 1.0:
                 ti, prev = s1, True
             else:
                 ti, prev = s0 + alpha[i] * sdt, False
-            k = torch.stack(ks + [torch.zeros_like(f)] * (7 - len(ks)), dim=-1)
-            yi = y + torch.sum(k[..., :i + 1] * (beta[i] * sdt), dim=-1).view_as(f)
+            k = torch.stack(ks, dim=-1)
+            yi = y + torch.sum(k * (beta[i] * sdt), dim=-1).view_as(f)
             ks.append(func(ti, yi, prev))
         k = torch.stack(ks, dim=-1)
+        if c_sol is not None:  # not first-same-as-last: the solution from its own weights
+            yi = y + torch.sum(k * (sdt * c_sol), dim=-1).view_as(f)
         y_new = yi
         f_new = ks[-1]
         y_err = torch.sum(k * (sdt * c_error), dim=-1)
@@ -368,7 +428,7 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
         r64 = r.type_as(last)
         dfactor = torch.where(r < 1, torch.ones((), dtype=t_dtype, device=device),
                               torch.tensor(_DFACTOR, dtype=t_dtype, device=device))
-        exponent = torch.tensor(_ORDER, dtype=t_dtype, device=device).reciprocal()
+        exponent = torch.tensor(order, dtype=t_dtype, device=device).reciprocal()
         factor = torch.min(torch.tensor(_IFACTOR, dtype=t_dtype, device=device),
                            torch.max(_SAFETY / r64 ** exponent, dfactor))
         dt_next = torch.where(r == 0, last * _IFACTOR, last * factor).clamp(zero_t, inf_t)
@@ -400,8 +460,8 @@ def _dopri5(func: Callable[..., Tensor], y0: Tensor, t: Tensor, shapes: list[tor
     done = t_cur >= t_end
     # (where torchdiffeq asserts: the step size underflowed or the state is not finite)
     torch._assert_async(
-        done, "CNF solve (dopri5 in the compiled graph) failed: the state is not finite, the step "
+        done, "CNF solve (adaptive, in the compiled graph) failed: the state is not finite, the step "
         "size underflowed, or it took more than MAX_STEPS steps"
     )
     total = torch.where(done, total, torch.full_like(total, float("nan")))
-    return total, 2 + 6 * steps
+    return total, 2 + n_stages * steps

@@ -65,8 +65,7 @@ autograd on for its own computation under ``torch.no_grad()`` and ``torch.infere
 Under ``torch.compile``: the native solve above is one node of the graph (training with the
 adjoint, and no-grad solves). Every other solve without gradients (eval-mode ``log_prob`` and
 sampling under ``torch.no_grad()``; the regularisers are then still integrated in training mode)
-whose solver is dopri5, rk4, euler or midpoint and whose dynamics are an :class:`ODEnet` or
-:class:`ODEConvNet` (either layer, either activation; Hutchinson or exact; forward or inverse) is
+whose dynamics are an :class:`ODEnet` or :class:`ODEConvNet` (any of the solvers; either layer, either activation; Hutchinson or exact; forward or inverse) is
 traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a ``while_loop`` that
 replays torchdiffeq's step control operation for operation (so the compiled solve takes the
 eager solve's steps, ``last_nfe`` included), and the divergence and the Jacobian-Frobenius
@@ -78,8 +77,8 @@ gradients (the gradient of the same discrete solve as eager ``adjoint=False``) w
 ``while_loop``'s backward is right under Inductor: with ``torch._functorch.config.donated_buffer``
 off, and for :class:`ODEConvNet` dynamics ``torch._inductor.config.layout_optimization`` too
 (:mod:`fastflow.nn._loops`). Other solves with gradients outside the native solve
-(``adjoint=True`` on other dynamics; ``adjoint=False`` with donated buffers on), the other
-adaptive solvers and other dynamics nets run eagerly on torchdiffeq inside a compiled model
+(``adjoint=True`` on other dynamics; ``adjoint=False`` with donated buffers on) and other
+dynamics nets run eagerly on torchdiffeq inside a compiled model
 (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them, and
 ``fullgraph=True`` raises an error that names the reason.
 
@@ -109,7 +108,14 @@ from fastflow.flow import Flow, Transform
 from fastflow.ops.cnf_dopri5 import ACTIVATIONS as _SOLVE_ACTIVATIONS
 from fastflow.ops.cnf_dopri5 import basis_probes, cnf_dopri5, concatsquash_tensors, last_backward_nfe
 from fastflow.ops.mlp_trace import mlp_trace
-from fastflow.nn._ode_graph import GRAPH_SOLVERS, graph_dynamics, odeint_graph
+from fastflow.nn._ode_graph import (
+    ADAPTIVE_GRAPH_SOLVERS,
+    GRAPH_SOLVERS,
+    graph_dynamics,
+    has_tableau,
+    load_tableau,
+    odeint_graph,
+)
 from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
@@ -715,6 +721,8 @@ class CNF(Transform):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.solver = solver
+        if solver in ADAPTIVE_GRAPH_SOLVERS:  # (its tableau for a compiled solve; here, eagerly)
+            load_tableau(solver)
         self.atol = _positive_float(atol, "atol")
         self.rtol = _positive_float(rtol, "rtol")
         if not isinstance(adjoint, bool):
@@ -858,6 +866,7 @@ class CNF(Transform):
         solve stays on torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
+            and (self.solver not in ADAPTIVE_GRAPH_SOLVERS or has_tableau(self.solver))
             and (not grad_on or (not self.adjoint and loop_gradients_in_graph(
                 convolutions=type(self.net) is ODEConvNet)))
             and (
@@ -918,7 +927,7 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(dopri5/rk4/euler/midpoint, an ODEnet or ODEConvNet, no gradients, or adjoint=False "
+        "(any of its solvers, an ODEnet or ODEConvNet, no gradients, or adjoint=False "
         "with torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with gradients, other "
         "solvers and other nets run eagerly (fastflow.nn.continuous docstring)"
     )
