@@ -10,9 +10,9 @@ torchdiffeq solve with the same seed: values, the number of evaluations and the 
 gradients outside the native solve (``adjoint=True`` or ``adjoint=False``) stay on torchdiffeq
 with the default settings: they match eager under a plain ``torch.compile``, gradients
 included, and ``fullgraph=True`` raises an error that names the reason. With donated buffers
-off (:mod:`fastflow.nn._loops`), ``adjoint=False`` training runs the in-graph solve with
-gradients through it: one graph, eager's values and gradients (``aot_eager``, and one case on
-Inductor).
+off (:mod:`fastflow.nn._loops`), training runs the in-graph solve, ``adjoint=False`` with
+gradients through its steps and ``adjoint=True`` by the adjoint solve: one graph, eager's
+values and gradients (``aot_eager``, and one case of each on Inductor).
 
 Tiny nets and loose tolerances keep every solve short.
 """
@@ -306,16 +306,34 @@ def test_training_in_graph_on_inductor_matches_eager():
         _compiled_matches_eager(flow, x, grad=True, backend="inductor")
 
 
-def test_adjoint_training_stays_eager_with_loop_gradients():
-    """adjoint=True outside the native solve stays on torchdiffeq's adjoint (its gradients are
-    not those of backpropagation through the solve), with either setting."""
-    flow = _flow(2, layer="concat", adjoint=True)
-    x = torch.randn(4, 2, dtype=torch.float64)
+ADJOINT_TRAINING = [
+    # (features, flow kwargs, gradient w.r.t. the input too)
+    (2, dict(layer="concat"), True),
+    (3, dict(layer="concatsquash", estimator="exact", kinetic=True, jacobian_frobenius=True), False),
+    ((1, 4, 4), dict(layer="concatsquash"), False),
+    (2, dict(solver="rk4", step_size=0.15, layer="concat"), True),
+]
+
+
+@pytest.mark.parametrize("features, kwargs, input_grad", ADJOINT_TRAINING)
+def test_adjoint_training_in_graph(features, kwargs, input_grad):
+    """adjoint=True training outside the native solve: one graph, and torchdiffeq's adjoint
+    gradients (the augmented system solved back in time with its adjoint norm; the dynamics'
+    vector-Jacobian products by torch.func in the graph), the learned end time's included."""
+    flow = _flow(features, adjoint=True, **kwargs)
+    x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
     with _loop_gradients():
-        torch._dynamo.reset()
-        with pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
-            torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")(x)
-    torch._dynamo.reset()
+        _one_graph(flow.log_prob, x, grad=True)
+        _compiled_matches_eager(flow, x, grad=True, input_grad=input_grad)
+
+
+def test_adjoint_training_in_graph_on_inductor_matches_eager():
+    import torch._inductor.config as inductor_config
+
+    flow = _flow(2, solver="rk4", step_size=0.15, layer="concat", adjoint=True)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with _loop_gradients(), inductor_config.patch(fallback_random=True):
+        _compiled_matches_eager(flow, x, grad=True, input_grad=False, backend="inductor")
 
 
 def test_bad_input_still_names_the_argument():

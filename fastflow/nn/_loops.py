@@ -20,8 +20,9 @@ it is the user's choice. Set it before the compiled model first runs::
     model = torch.compile(model, fullgraph=True)
 
 Then the roulette's backpropagated series runs exactly the drawn number of products in a
-compiled graph (not every product up to the cap), and a CNF trained with ``adjoint=False`` on
-the in-graph solvers compiles into one graph. With the default setting these keep the safe
+compiled graph (not every product up to the cap), and a CNF trained on the in-graph solvers
+(``adjoint=False`` through the solver's steps, ``adjoint=True`` by the adjoint solve) compiles
+into one graph. With the default setting these keep the safe
 paths (the capped product loop; the eager torchdiffeq solve). Dynamo guards on the setting, so
 a change recompiles.
 

@@ -23,10 +23,14 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
-Only those nets (the CNF keeps the eager torchdiffeq path for others). The solve is differentiable (``adjoint=False``: the gradient of the same
-discrete solve, the first step size's dependence on the input and the parameters included; the
-step-size update outside autograd, as in torchdiffeq). The CNF takes gradients through it only
-where :func:`fastflow.nn._loops.loop_gradients_in_graph` says Inductor gets a ``while_loop``'s
+Only those nets (the CNF keeps the eager torchdiffeq path for others). The solve is
+differentiable in two ways, as torchdiffeq's: :func:`odeint_graph` by backpropagation through
+its steps (``adjoint=False``: the gradient of the same discrete solve, the first step size's
+dependence on the input and the parameters included; the step-size update outside autograd,
+as in torchdiffeq), and :func:`odeint_adjoint_graph` by the adjoint method (``adjoint=True``:
+the augmented system solved back in time, with the dynamics' vector-Jacobian products by
+``torch.func.vjp``). The CNF takes gradients through either only where
+:func:`fastflow.nn._loops.loop_gradients_in_graph` says Inductor gets a ``while_loop``'s
 backward right.
 """
 
@@ -42,7 +46,7 @@ from torch.nn import functional as F
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
 __all__ = ["ADAPTIVE_GRAPH_SOLVERS", "GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "has_tableau",
-           "load_tableau", "odeint_graph"]
+           "load_tableau", "odeint_adjoint_graph", "odeint_graph"]
 
 #: The adaptive solvers the in-graph solve replays (torchdiffeq's Runge-Kutta pairs with step
 #: control); dopri5's tableau is written here, the others' are torchdiffeq's own
@@ -133,9 +137,12 @@ def load_tableau(method: str) -> bool:
 def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[Tensor, Tensor | None]]:
     """For an :class:`~fastflow.nn.ODEnet` (``event_shape = (D,)``) or an
     :class:`~fastflow.nn.ODEConvNet` (``event_shape = (C, H, W)``), the function
-    ``(t, z, cotangents) -> (f, vjps)``: ``f = net(t, z)`` on the flat state ``z [B, D]`` and
-    ``vjps[p] = cotangents[p]^T df/dz`` (``cotangents`` and ``vjps`` of shape ``[P, B, D]``), by
-    hand through the layers (module docstring), in the operations of the layers' own forward."""
+    ``(t, z, cotangents, params=None) -> (f, vjps)``: ``f = net(t, z)`` on the flat state
+    ``z [B, D]`` and ``vjps[p] = cotangents[p]^T df/dz`` (``cotangents`` and ``vjps`` of shape
+    ``[P, B, D]``), by hand through the layers (module docstring), in the operations of the
+    layers' own forward. ``params`` maps some of ``net``'s parameter names
+    (``net.named_parameters()``) to tensors used in their place (a functional call: the
+    adjoint differentiates the dynamics w.r.t. them)."""
     shape = tuple(int(d) for d in event_shape)
     if len(shape) not in (1, 3) or not hasattr(net, "layers") or getattr(net, "layer", None) not in (
         "concatsquash", "concat"
@@ -149,32 +156,49 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
     squash = net.layer == "concatsquash"
     code = MLP_ACTIVATIONS[net.activation]  # the activation's value and derivative at once
 
-    def run(t: Tensor, z: Tensor, cotangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def run(t: Tensor, z: Tensor, cotangents: Tensor | None,
+            params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        given = params or {}
+
+        def weights(k: int, name: str) -> tuple[Tensor, Tensor | None]:
+            module = getattr(layers[k], name)
+            prefix = f"layers.{k}.{name}."
+            w = given.get(prefix + "weight", module.weight)
+            b = None if module.bias is None else given.get(prefix + "bias", module.bias)
+            return w, b
+
+        def linear(k: int, name: str, x: Tensor) -> Tensor:
+            return F.linear(x, *weights(k, name))
+
         batch = z.shape[0]
         h = z.reshape(batch, *shape) if conv else z
         tt = t.reshape(1, 1)
-        saved = []  # per layer: (the gate or None, the activation's derivative or None)
+        saved = []  # per layer: (the gate or None, the activation's derivative or None, weight)
         last = len(layers) - 1
         for k, layer in enumerate(layers):
             if conv:
+                w, b = weights(k, "conv")
                 if squash:
-                    gate = torch.sigmoid(layer.hyper_gate(tt)).view(1, -1, 1, 1)
-                    out = layer.conv(h) * gate + layer.hyper_bias(tt).view(1, -1, 1, 1)
+                    gate = torch.sigmoid(linear(k, "hyper_gate", tt)).view(1, -1, 1, 1)
+                    out = F.conv2d(h, w, b, padding=layer.padding) * gate \
+                        + linear(k, "hyper_bias", tt).view(1, -1, 1, 1)
                 else:
                     gate = None
                     tc = tt.reshape(1, 1, 1, 1).expand(batch, 1, h.shape[2], h.shape[3])
-                    out = layer.conv(torch.cat([tc, h], dim=1))
-            elif squash:
-                gate = torch.sigmoid(layer.hyper_gate(tt))
-                out = layer.linear(h) * gate + layer.hyper_bias(tt)
+                    out = F.conv2d(torch.cat([tc, h], dim=1), w, b, padding=layer.padding)
             else:
-                gate = None
-                out = layer.linear(torch.cat([tt.expand(batch, 1), h], dim=1))
+                w, b = weights(k, "linear")
+                if squash:
+                    gate = torch.sigmoid(linear(k, "hyper_gate", tt))
+                    out = F.linear(h, w, b) * gate + linear(k, "hyper_bias", tt)
+                else:
+                    gate = None
+                    out = F.linear(torch.cat([tt.expand(batch, 1), h], dim=1), w, b)
             if k < last:
                 h, d = _act_deriv(code, out, None)
-                saved.append((gate, d))
+                saved.append((gate, d, w))
             else:
-                saved.append((gate, None))
+                saved.append((gate, None, w))
                 h = out
         f = h.reshape(batch, -1)
         if cotangents is None:
@@ -183,7 +207,7 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
         v = cotangents.reshape(n_probes * batch, *shape) if conv else cotangents
         for k in range(last, -1, -1):
             layer = layers[k]
-            gate, d = saved[k]
+            gate, d, w = saved[k]
             if d is not None:  # through the activation after this layer
                 if conv:
                     v = (v.reshape(n_probes, *d.shape) * d).reshape(n_probes * batch, *d.shape[1:])
@@ -192,11 +216,9 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
             if gate is not None:
                 v = v * gate
             if conv:
-                weight = layer.conv.weight if squash else layer.conv.weight[:, 1:]
-                v = F.conv_transpose2d(v, weight, padding=layer.padding)
+                v = F.conv_transpose2d(v, w if squash else w[:, 1:], padding=layer.padding)
             else:
-                weight = layer.linear.weight if squash else layer.linear.weight[:, 1:]
-                v = v @ weight
+                v = v @ (w if squash else w[:, 1:])
         return f, v.reshape(n_probes, batch, -1)
 
     return run
@@ -292,6 +314,69 @@ def odeint_graph(
             raise ValueError(f"step_size must be given for the fixed-step solver {method!r}")
         y_end, nfe = _fixed_grid(flat_func, y, t, method, step_size)
     return _flat_to_shape(y_end, shapes), nfe
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """torchdiffeq's ``odeint_adjoint`` at the end time, as traceable operations: the solve
+    without autograd in the forward, and in the backward the augmented system
+    ``(0, y, -a^T df/dy, -a^T df/dtheta)`` solved back to the start time by the same solver, with
+    torchdiffeq's adjoint norm (the largest RMS over the time part, the state's parts, their
+    adjoints' parts and each parameter's adjoint). The vector-Jacobian products of the dynamics
+    are ``torch.func.vjp`` of ``func`` (plain operations), which a graph traces."""
+
+    @staticmethod
+    def forward(func: Callable[..., tuple[Tensor, ...]], options: tuple, n_state: int,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        y0, params = tensors[:n_state], tensors[n_state:]
+        reverse, method, rtol, atol, step_size = options
+        final, nfe = odeint_graph(lambda s, y: func(s, y, params), y0, reverse, method, rtol, atol,
+                                  step_size)
+        return (*final, nfe)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        func, options, n_state = inputs[:3]
+        ctx.func, ctx.options, ctx.n_state = func, options, n_state
+        ctx.save_for_backward(*output[:-1], *inputs[3 + n_state:])
+        ctx.mark_non_differentiable(output[-1])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        func, n = ctx.func, ctx.n_state
+        reverse, method, rtol, atol, step_size = ctx.options
+        saved = ctx.saved_tensors
+        final, params = saved[:n], tuple(saved[n:])
+        adj = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(final, grads[:n]))
+
+        def augmented(s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            y, a = state[1:1 + n], state[1 + n:1 + 2 * n]
+            f, vjp = torch.func.vjp(lambda ys, ps: func(s, ys, ps), y, params)
+            vjp_y, vjp_params = vjp(tuple(-ai for ai in a))
+            return (torch.zeros_like(state[0]), *f, *vjp_y, *vjp_params)
+
+        start = (final[0].new_zeros(()), *final, *adj, *[torch.zeros_like(p) for p in params])
+        out, _ = odeint_graph(augmented, start, not reverse, method, rtol, atol, step_size)
+        return (None, None, None, *out[1 + n:1 + 2 * n], *out[1 + 2 * n:])
+
+
+def odeint_adjoint_graph(
+    func: Callable[[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]],
+    y0: tuple[Tensor, ...],
+    params: Sequence[Tensor],
+    reverse: bool,
+    method: str,
+    rtol: float,
+    atol: float,
+    step_size: Tensor | None = None,
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """:func:`odeint_graph` with torchdiffeq's adjoint gradient (``odeint_adjoint`` with
+    ``adjoint_params = params``; the adjoint solve with the forward's solver and tolerances):
+    ``func(s, state, params)`` takes the parameters as arguments, so that the backward
+    differentiates the dynamics w.r.t. them. Only ``params`` that require grad are given
+    to it (torchdiffeq drops the others from the adjoint). Returns ``(state at the end, nfe)``,
+    ``nfe`` the forward solve's."""
+    out = _AdjointSolve.apply(func, (reverse, method, rtol, atol, step_size), len(y0), *y0, *params)
+    return tuple(out[:-1]), out[-1]
 
 
 def _fixed_grid(func: Callable[..., Tensor], y: Tensor, t: Tensor, method: str,

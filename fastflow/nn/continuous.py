@@ -71,14 +71,15 @@ replays torchdiffeq's step control operation for operation (so the compiled solv
 eager solve's steps, ``last_nfe`` included), and the divergence and the Jacobian-Frobenius
 regulariser by hand-written vector-Jacobian products through the layers (no
 ``torch.autograd.grad`` in the graph). ``torch.compile(..., fullgraph=True)`` of ``forward``,
-``inverse`` and a model's ``log_prob`` then gives one graph. Training with ``adjoint=False``
-on those solvers and dynamics (the regularisers included) takes the same in-graph solve with
-gradients (the gradient of the same discrete solve as eager ``adjoint=False``) where a
-``while_loop``'s backward is right under Inductor: with ``torch._functorch.config.donated_buffer``
+``inverse`` and a model's ``log_prob`` then gives one graph. Training on those solvers and
+dynamics (the regularisers included) takes the same in-graph solve with gradients, as the eager
+solve computes them: through the solver's steps with ``adjoint=False``, by torchdiffeq's adjoint
+method with ``adjoint=True`` (the augmented system solved back in time with its adjoint norm, so
+the compiled backward takes the eager one's steps), where a ``while_loop``'s backward is right
+under Inductor: with ``torch._functorch.config.donated_buffer``
 off, and for :class:`ODEConvNet` dynamics ``torch._inductor.config.layout_optimization`` too
-(:mod:`fastflow.nn._loops`). Other solves with gradients outside the native solve
-(``adjoint=True`` on other dynamics; ``adjoint=False`` with donated buffers on) and other
-dynamics nets run eagerly on torchdiffeq inside a compiled model
+(:mod:`fastflow.nn._loops`). Solves with gradients outside the native solve with donated
+buffers on, and other dynamics nets, run eagerly on torchdiffeq inside a compiled model
 (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them, and
 ``fullgraph=True`` raises an error that names the reason.
 
@@ -114,6 +115,7 @@ from fastflow.nn._ode_graph import (
     graph_dynamics,
     has_tableau,
     load_tableau,
+    odeint_adjoint_graph,
     odeint_graph,
 )
 from fastflow.nn._loops import loop_gradients_in_graph
@@ -839,7 +841,7 @@ class CNF(Transform):
         grad_on = torch.is_grad_enabled() and not inference
         native = self._solves_natively(x, estimator, regularize, grad_on)
         if torch.compiler.is_compiling() and not native and self._solves_in_graph(grad_on):
-            return self._solve_graph(x, reverse, estimator, regularize)
+            return self._solve_graph(x, reverse, estimator, regularize, grad_on)
         self.last_estimator = estimator
         self.last_kinetic = self.last_jacobian_frobenius = None
         if native:
@@ -861,25 +863,25 @@ class CNF(Transform):
     def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
         a solver it replays, dynamics it differentiates by hand, and either no gradient through
-        the solve or a gradient by backpropagation (``adjoint=False``) where a ``while_loop``'s
+        the solve or a gradient (through the steps, or by the adjoint) where a ``while_loop``'s
         backward is right (:func:`~fastflow.nn._loops.loop_gradients_in_graph`); otherwise the
         solve stays on torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
             and (self.solver not in ADAPTIVE_GRAPH_SOLVERS or has_tableau(self.solver))
-            and (not grad_on or (not self.adjoint and loop_gradients_in_graph(
-                convolutions=type(self.net) is ODEConvNet)))
+            and (not grad_on or loop_gradients_in_graph(convolutions=type(self.net) is ODEConvNet))
             and (
                 (type(self.net) is ODEnet and len(self.event_shape) == 1)
                 or (type(self.net) is ODEConvNet and len(self.event_shape) == 3)
             )
         )
 
-    def _solve_graph(self, x: Tensor, reverse: bool, estimator: str,
-                     regularize: bool) -> tuple[Tensor, Tensor]:
+    def _solve_graph(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
+                     grad_on: bool) -> tuple[Tensor, Tensor]:
         """The solve under ``torch.compile`` without torchdiffeq: the eager solve's steps and
         divergence as traceable operations (:mod:`fastflow.nn._ode_graph`), differentiable as
-        the eager ``adjoint=False`` solve."""
+        the eager solve: by backpropagation through the steps (``adjoint=False``) or by
+        torchdiffeq's adjoint (``adjoint=True``)."""
         dynamics = graph_dynamics(self.net, self.event_shape)
         need_eps = estimator == "hutchinson" or regularize
         eps = _probe(x, self.probe) if need_eps else None
@@ -891,10 +893,10 @@ class CNF(Transform):
                 cotangents = torch.cat([cotangents, eps.unsqueeze(0)])
         else:
             cotangents = eps.unsqueeze(0)
-        T = self.end_time
 
-        def func(s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            f, vjps = dynamics(s * T, state[0], cotangents)
+        def rhs(s: Tensor, state: tuple[Tensor, ...], T: Tensor,
+                given: dict[str, Tensor] | None) -> tuple[Tensor, ...]:
+            f, vjps = dynamics(s * T, state[0], cotangents, given)
             if exact:
                 div = torch.diagonal(vjps[:D], dim1=0, dim2=2).sum(-1)
             else:  # (eps itself is not closed over: a view of it would alias in the loop)
@@ -904,14 +906,30 @@ class CNF(Transform):
                 out = out + (T * f.pow(2).sum(1), T * vjps[-1].pow(2).sum(1))
             return out
 
-        zeros = x.new_zeros(x.shape[0])
-        state = (x, zeros) + ((zeros, zeros) if regularize else ())
+        T = self.end_time
+        # (distinct zeros: the adjoint's autograd.Function takes each part as its own input)
+        state = (x,) + tuple(x.new_zeros(x.shape[0]) for _ in range(3 if regularize else 1))
         step = None
         if self.solver in FIXED_SOLVERS:  # torchdiffeq's step in s: step_size / T, in float64
             step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device)
             step = step.div(T.detach().to(torch.float64))
-        params = (T,) + tuple(self.net.parameters())
-        final, nfe = odeint_graph(func, state, reverse, self.solver, self.rtol, self.atol, step, params)
+        if self.adjoint and grad_on:
+            # torchdiffeq's adjoint parameters (the eager solve's): the net's, then sqrt_T when
+            # learned, those that require grad
+            named = [(k, p) for k, p in self.net.named_parameters() if p.requires_grad]
+            names = [k for k, _ in named]
+            learn_T = self.train_T and self.sqrt_T.requires_grad
+            params = tuple(p for _, p in named) + ((self.sqrt_T,) if learn_T else ())
+
+            def func(s: Tensor, y: tuple[Tensor, ...], ps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                sqrt_T = ps[-1] if learn_T else self.sqrt_T
+                return rhs(s, y, sqrt_T * sqrt_T, dict(zip(names, ps)))
+
+            final, nfe = odeint_adjoint_graph(func, state, params, reverse, self.solver, self.rtol,
+                                              self.atol, step)
+        else:
+            final, nfe = odeint_graph(lambda s, y: rhs(s, y, T, None), state, reverse, self.solver,
+                                      self.rtol, self.atol, step, (T,) + tuple(self.net.parameters()))
         # (every attribute set after the loop: Dynamo drops the mutations after a while_loop of
         # an object mutated before it)
         self.last_estimator = estimator
@@ -927,9 +945,9 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(any of its solvers, an ODEnet or ODEConvNet, no gradients, or adjoint=False "
-        "with torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with gradients, other "
-        "solvers and other nets run eagerly (fastflow.nn.continuous docstring)"
+        "(any of its solvers, an ODEnet or ODEConvNet; gradients only with "
+        "torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with "
+        "gradients and other nets run eagerly (fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                            grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
