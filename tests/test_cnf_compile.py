@@ -336,6 +336,67 @@ def test_adjoint_training_in_graph_on_inductor_matches_eager():
         _compiled_matches_eager(flow, x, grad=True, input_grad=False, backend="inductor")
 
 
+class _UserMLP(torch.nn.Module):
+    """A dynamics net of the user's own: not an ODEnet."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.first = torch.nn.Linear(d + 1, 8)
+        self.second = torch.nn.Linear(8, d)
+
+    def forward(self, t, z):
+        h = torch.cat([t.expand(z.shape[0], 1), z], 1)
+        return self.second(torch.nn.functional.softplus(self.first(h)))
+
+
+class _UserConv(torch.nn.Module):
+    def __init__(self, c, buffer=False):
+        super().__init__()
+        self.first = torch.nn.Conv2d(c, 4, 3, padding=1)
+        self.second = torch.nn.Conv2d(4, c, 3, padding=1)
+        if buffer:
+            self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, t, z):
+        return self.second(torch.tanh(self.first(z) * (1 + t)))
+
+
+def _user_cnf(net, features, **kwargs):
+    torch.manual_seed(0)
+    return CNF(features, net=net, atol=1e-5, rtol=1e-5, **kwargs).double()
+
+
+@pytest.mark.parametrize("kind", ["mlp exact", "conv hutchinson"])
+@pytest.mark.parametrize("method", ["forward", "inverse"])
+def test_user_defined_dynamics_without_gradients(kind, method):
+    """A net of the user's own (no buffers): solves without gradients run in the graph, the
+    divergence by torch.func (vjp under vmap), and equal eager's values and NFE."""
+    if kind == "mlp exact":
+        cnf = _user_cnf(_UserMLP(2), 2, eval_estimator="exact")
+    else:
+        cnf = _user_cnf(_UserConv(1), (1, 4, 4), eval_estimator="hutchinson")
+    cnf.eval()
+    x = torch.randn(4, *cnf.event_shape, dtype=torch.float64)
+    _compiled_matches_eager(cnf, x, method=method, grad=False)
+
+
+@pytest.mark.parametrize("net", ["training", "buffers"])
+def test_user_defined_dynamics_that_stay_eager(net):
+    """Training with a user's net (any setting), and a user's net with buffers, stay on
+    torchdiffeq: fullgraph names the reason."""
+    if net == "training":
+        cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=False).train()
+        ctx = _loop_gradients()
+    else:
+        cnf = _user_cnf(_UserConv(1, buffer=True), (1, 4, 4)).eval()
+        ctx = torch.no_grad()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    with ctx, pytest.raises(Exception, match="(?s)disable.*runs on torchdiffeq"):
+        torch.compile(cnf, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
 def test_bad_input_still_names_the_argument():
     """Compiled, a wrong shape raises while tracing and a non-finite input when the graph runs,
     naming the argument; a solve that fails (non-finite dynamics) raises instead of looping."""

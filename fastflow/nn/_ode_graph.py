@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
 __all__ = ["ADAPTIVE_GRAPH_SOLVERS", "GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "has_tableau",
-           "load_tableau", "odeint_adjoint_graph", "odeint_graph"]
+           "func_dynamics", "load_tableau", "odeint_adjoint_graph", "odeint_graph"]
 
 #: The adaptive solvers the in-graph solve replays (torchdiffeq's Runge-Kutta pairs with step
 #: control); dopri5's tableau is written here, the others' are torchdiffeq's own
@@ -225,6 +225,32 @@ def graph_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[
 
 
 # -- the solvers --------------------------------------------------------------------------------
+
+
+def func_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[Tensor, Tensor | None]]:
+    """:func:`graph_dynamics` for any dynamics net ``net(t, z) -> dz/dt`` on ``z`` of shape
+    ``[B, *event_shape]``: the vector-Jacobian products by ``torch.func.vjp`` (traced into the
+    graph; ``torch.autograd.grad`` is not), one per cotangent under ``torch.func.vmap``, and
+    ``params`` by ``torch.func.functional_call``. For nets without buffers (a transform must
+    not see state change inside it)."""
+    shape = tuple(int(d) for d in event_shape)
+
+    def run(t: Tensor, z: Tensor, cotangents: Tensor | None,
+            params: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        batch = z.shape[0]
+
+        def f_of(flat: Tensor) -> Tensor:
+            h = flat.reshape(batch, *shape)
+            out = net(t, h) if params is None else torch.func.functional_call(net, params, (t, h))
+            return out.reshape(batch, -1)
+
+        if cotangents is None:
+            return f_of(z), None
+        f, vjp_fn = torch.func.vjp(f_of, z)
+        vjps = torch.func.vmap(lambda c: vjp_fn(c)[0])(cotangents)
+        return f, vjps
+
+    return run
 
 
 def _flat_to_shape(y: Tensor, shapes: list[torch.Size]) -> tuple[Tensor, ...]:

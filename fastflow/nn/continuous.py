@@ -65,12 +65,13 @@ autograd on for its own computation under ``torch.no_grad()`` and ``torch.infere
 Under ``torch.compile``: the native solve above is one node of the graph (training with the
 adjoint, and no-grad solves). Every other solve without gradients (eval-mode ``log_prob`` and
 sampling under ``torch.no_grad()``; the regularisers are then still integrated in training mode)
-whose dynamics are an :class:`ODEnet` or :class:`ODEConvNet` (any of the solvers; either layer, either activation; Hutchinson or exact; forward or inverse) is
-traced into the graph by :mod:`fastflow.nn._ode_graph`: the solver loop as a ``while_loop`` that
-replays torchdiffeq's step control operation for operation (so the compiled solve takes the
-eager solve's steps, ``last_nfe`` included), and the divergence and the Jacobian-Frobenius
-regulariser by hand-written vector-Jacobian products through the layers (no
-``torch.autograd.grad`` in the graph). ``torch.compile(..., fullgraph=True)`` of ``forward``,
+is traced into the graph by :mod:`fastflow.nn._ode_graph` (any of the solvers; Hutchinson or
+exact; forward or inverse): the solver loop as a ``while_loop`` that replays torchdiffeq's step
+control operation for operation (so the compiled solve takes the eager solve's steps,
+``last_nfe`` included), and the divergence and the Jacobian-Frobenius regulariser by
+vector-Jacobian products in the graph (no ``torch.autograd.grad``): written by hand through the
+layers for an :class:`ODEnet` or :class:`ODEConvNet` (either layer, either activation), and by
+``torch.func`` for a net of the user's own (without buffers). ``torch.compile(..., fullgraph=True)`` of ``forward``,
 ``inverse`` and a model's ``log_prob`` then gives one graph. Training on those solvers and
 dynamics (the regularisers included) takes the same in-graph solve with gradients, as the eager
 solve computes them: through the solver's steps with ``adjoint=False``, by torchdiffeq's adjoint
@@ -79,7 +80,8 @@ the compiled backward takes the eager one's steps), where a ``while_loop``'s bac
 under Inductor: with ``torch._functorch.config.donated_buffer``
 off, and for :class:`ODEConvNet` dynamics ``torch._inductor.config.layout_optimization`` too
 (:mod:`fastflow.nn._loops`). Solves with gradients outside the native solve with donated
-buffers on, and other dynamics nets, run eagerly on torchdiffeq inside a compiled model
+buffers on, training with a net of the user's own, and nets with buffers run eagerly on
+torchdiffeq inside a compiled model
 (``torch.compiler.disable``): a plain ``torch.compile`` breaks the graph around them, and
 ``fullgraph=True`` raises an error that names the reason.
 
@@ -112,6 +114,7 @@ from fastflow.ops.mlp_trace import mlp_trace
 from fastflow.nn._ode_graph import (
     ADAPTIVE_GRAPH_SOLVERS,
     GRAPH_SOLVERS,
+    func_dynamics,
     graph_dynamics,
     has_tableau,
     load_tableau,
@@ -862,19 +865,33 @@ class CNF(Transform):
 
     def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
-        a solver it replays, dynamics it differentiates by hand, and either no gradient through
-        the solve or a gradient (through the steps, or by the adjoint) where a ``while_loop``'s
-        backward is right (:func:`~fastflow.nn._loops.loop_gradients_in_graph`); otherwise the
-        solve stays on torchdiffeq, eagerly."""
+        a solver it replays, and either no gradient through the solve (any dynamics net
+        without buffers) or, for the library's nets, a gradient (through the steps, or by the
+        adjoint) where a ``while_loop``'s backward is right
+        (:func:`~fastflow.nn._loops.loop_gradients_in_graph`); otherwise the solve stays on
+        torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
             and (self.solver not in ADAPTIVE_GRAPH_SOLVERS or has_tableau(self.solver))
-            and (not grad_on or loop_gradients_in_graph(convolutions=type(self.net) is ODEConvNet))
+            and (not grad_on or loop_gradients_in_graph(convolutions=self._net_has_convolutions()))
             and (
-                (type(self.net) is ODEnet and len(self.event_shape) == 1)
-                or (type(self.net) is ODEConvNet and len(self.event_shape) == 3)
+                self._hand_written_dynamics()
+                or (not grad_on and not any(True for _ in self.net.buffers()))
             )
         )
+
+    def _hand_written_dynamics(self) -> bool:
+        """Whether the in-graph solve differentiates the net by hand (:func:`graph_dynamics`:
+        the library's ODEnet and ODEConvNet); other nets by ``torch.func``
+        (:func:`func_dynamics`), in solves without gradients only: torch 2.13's ``while_loop``
+        with autograd through a body that calls ``torch.func.vjp`` took other steps than eager
+        (26 evaluations for eager's 20, the log-det 0.06 off, already without compiling)."""
+        return (type(self.net) is ODEnet and len(self.event_shape) == 1) or (
+            type(self.net) is ODEConvNet and len(self.event_shape) == 3
+        )
+
+    def _net_has_convolutions(self) -> bool:
+        return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.net.modules())
 
     def _solve_graph(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                      grad_on: bool) -> tuple[Tensor, Tensor]:
@@ -882,7 +899,8 @@ class CNF(Transform):
         divergence as traceable operations (:mod:`fastflow.nn._ode_graph`), differentiable as
         the eager solve: by backpropagation through the steps (``adjoint=False``) or by
         torchdiffeq's adjoint (``adjoint=True``)."""
-        dynamics = graph_dynamics(self.net, self.event_shape)
+        make = graph_dynamics if self._hand_written_dynamics() else func_dynamics
+        dynamics = make(self.net, self.event_shape)
         need_eps = estimator == "hutchinson" or regularize
         eps = _probe(x, self.probe) if need_eps else None
         exact = estimator == "exact"
@@ -945,9 +963,9 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(any of its solvers, an ODEnet or ODEConvNet; gradients only with "
+        "(any of its solvers; gradients only for an ODEnet or ODEConvNet and with "
         "torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with "
-        "gradients and other nets run eagerly (fastflow.nn.continuous docstring)"
+        "gradients and nets with buffers run eagerly (fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                            grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
