@@ -20,6 +20,7 @@ from fastflow.distributions import DiagonalGaussian, StandardNormal
 from fastflow import data, images, models, nn
 from fastflow import checkpoint, plots  # plots imports matplotlib only when drawing
 from fastflow.memory import track_peak_memory
+from fastflow.nn._loops import compile
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "Transform",
     "backend",
     "checkpoint",
+    "compile",
     "data",
     "get_backend",
     "images",

@@ -12,20 +12,20 @@ with the default settings: they match eager under a plain ``torch.compile``, gra
 included, and ``fullgraph=True`` raises an error that names the reason. With donated buffers
 off (:mod:`fastflow.nn._loops`), training runs the in-graph solve, ``adjoint=False`` with
 gradients through its steps and ``adjoint=True`` by the adjoint solve: one graph, eager's
-values and gradients (``aot_eager``, and one case of each on Inductor).
+values and gradients (``aot_eager``; on Inductor a fixed-step case, and FFJORD on images
+with the adjoint through :func:`fastflow.compile`).
 
 Tiny nets and loose tolerances keep every solve short.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from fastflow.models import FFJORD
 from fastflow.nn import CNF
+from fastflow.nn._loops import loop_gradient_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -260,14 +260,6 @@ def test_training_outside_the_native_solve_stays_eager(adjoint):
 # -- training in the graph, where a while_loop's backward is right (fastflow.nn._loops) ---------
 
 
-def _loop_gradients():
-    """The settings under which fastflow takes gradients through the in-graph solve."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
-    stack.enter_context(torch._inductor.config.patch(layout_optimization=False))
-    return stack
-
-
 IN_GRAPH_TRAINING = [
     # (features, flow kwargs, gradient w.r.t. the input too)
     (2, dict(layer="concatsquash", activation="tanh"), True),
@@ -289,7 +281,7 @@ def test_training_in_graph_with_loop_gradients(features, kwargs, input_grad):
     solve (dopri5's first step size and step control included)."""
     flow = _flow(features, adjoint=False, **kwargs)
     x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
-    with _loop_gradients():
+    with loop_gradient_settings():
         _one_graph(flow.log_prob, x, grad=True)
         _compiled_matches_eager(flow, x, grad=True, input_grad=input_grad)
     assert flow.blocks[0].sqrt_T.requires_grad
@@ -302,8 +294,28 @@ def test_training_in_graph_on_inductor_matches_eager():
 
     flow = _flow(2, solver="rk4", step_size=0.15, adjoint=False)
     x = torch.randn(5, 2, dtype=torch.float64)
-    with _loop_gradients(), inductor_config.patch(fallback_random=True):
+    with loop_gradient_settings(), inductor_config.patch(fallback_random=True):
         _compiled_matches_eager(flow, x, grad=True, backend="inductor")
+
+
+def test_fastflow_compile_trains_image_ffjord_with_the_adjoint_on_inductor():
+    """fastflow.compile (the settings for this model's graphs only): FFJORD on images, trained
+    with the adjoint, in one Inductor graph; eager's log-density and gradients, the program's
+    settings unchanged (about 40 s to compile here)."""
+    import fastflow
+    import torch._inductor.config as inductor_config
+
+    flow = _flow((1, 4, 4), layer="concat", adjoint=True)
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        got, got_grads, _ = _run(flow, x, fastflow.compile(flow.log_prob, fullgraph=True), True, False)
+        want, want_grads, _ = _run(flow, x, flow.log_prob, True, False)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, **F64)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    assert torch._functorch.config.donated_buffer
 
 
 ADJOINT_TRAINING = [
@@ -322,18 +334,9 @@ def test_adjoint_training_in_graph(features, kwargs, input_grad):
     vector-Jacobian products by torch.func in the graph), the learned end time's included."""
     flow = _flow(features, adjoint=True, **kwargs)
     x = torch.randn(4, *flow.event_shape, dtype=torch.float64)
-    with _loop_gradients():
+    with loop_gradient_settings():
         _one_graph(flow.log_prob, x, grad=True)
         _compiled_matches_eager(flow, x, grad=True, input_grad=input_grad)
-
-
-def test_adjoint_training_in_graph_on_inductor_matches_eager():
-    import torch._inductor.config as inductor_config
-
-    flow = _flow(2, solver="rk4", step_size=0.15, layer="concat", adjoint=True)
-    x = torch.randn(4, 2, dtype=torch.float64)
-    with _loop_gradients(), inductor_config.patch(fallback_random=True):
-        _compiled_matches_eager(flow, x, grad=True, input_grad=False, backend="inductor")
 
 
 class _UserMLP(torch.nn.Module):
@@ -386,7 +389,7 @@ def test_user_defined_dynamics_that_stay_eager(net):
     torchdiffeq: fullgraph names the reason."""
     if net == "training":
         cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=False).train()
-        ctx = _loop_gradients()
+        ctx = loop_gradient_settings()
     else:
         cnf = _user_cnf(_UserConv(1, buffer=True), (1, 4, 4)).eval()
         ctx = torch.no_grad()

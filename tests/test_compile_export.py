@@ -34,6 +34,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -44,7 +45,7 @@ import fastflow
 from fastflow import models
 from fastflow import nn as fnn
 from fastflow.nn import initialize_actnorm
-from fastflow.nn._loops import loop_gradients_in_graph
+from fastflow.nn._loops import loop_gradient_settings, loop_gradients_in_graph
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -465,8 +466,7 @@ def test_residual_inductor_gradients_match_eager(kind, loop_gradients):
     are eager's too."""
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     block = _block(kind).eval()  # eval: no power-iteration update (the same weights twice)
-    with torch._functorch.config.patch(donated_buffer=not loop_gradients), \
-            torch._inductor.config.patch(layout_optimization=not loop_gradients):
+    with loop_gradient_settings() if loop_gradients else contextlib.nullcontext():
         if kind.endswith("backprop"):
             assert _graph_has_while_loop(block, x) == loop_gradients
         out = []
@@ -482,6 +482,33 @@ def test_residual_inductor_gradients_match_eager(kind, loop_gradients):
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_fastflow_compile_takes_loop_gradients_for_that_model_only():
+    """fastflow.compile: the backpropagated roulette on a convolutional branch runs its
+    while_loop with gradients under Inductor (the backward lowered with the forward, under the
+    settings; the gradients taken after the call) and gives eager's gradients; the program's
+    settings are unchanged after."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    block = _block("conv_roulette_backprop").eval()
+    out = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for fn in (block, fastflow.compile(block, fullgraph=True)):
+            torch.manual_seed(3)
+            xr = x.clone().requires_grad_()
+            y, logdet = fn(xr)
+            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(), [xr, *block.parameters()])
+            out.append((logdet.detach(), grads))
+    torch._dynamo.reset()
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert torch._functorch.config.donated_buffer and torch._inductor.config.layout_optimization
+    assert not loop_gradients_in_graph()
+    with loop_gradient_settings():
+        assert _graph_has_while_loop(block, x)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        fastflow.compile(3)
 
 
 @requires_native  # training mode: the roulette on the native trace operator

@@ -110,6 +110,7 @@ MODULES = [
     "fastflow.ops.cnf_dopri5",
     "fastflow.nn.residual",
     "fastflow.nn.lipschitz",
+    "fastflow.nn._loops",
 ]
 
 
@@ -120,7 +121,7 @@ def test_docstring_examples(name):
         pytest.importorskip("matplotlib")
     if name == "fastflow.ops.cnf_dopri5" and not fastflow.native_available():
         pytest.skip("the native CNF solve has no reference of its own (fastflow._C is not built)")
-    if name in ("fastflow.data", "fastflow.models"):
+    if name in ("fastflow.data", "fastflow.models", "fastflow.nn._loops"):
         pytest.importorskip("sklearn")
         pytest.importorskip("torchdiffeq")
     finder = doctest.DocTestFinder(exclude_empty=True)

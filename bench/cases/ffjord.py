@@ -1,4 +1,5 @@
-"""FFJORD on 2-D data: one train step, fastflow (native and reference backends) beside zuko.
+"""FFJORD on 2-D data: one train step, fastflow (native and reference backends) beside zuko; and
+FFJORD on images, compiled into one graph against eager.
 
 Workload (FFJORD's 2-D toy configuration, Grathwohl et al. 2019): one continuous normalizing
 flow block on 2-D points, dynamics ``2 -> 64 -> 64 -> 64 -> 2`` with tanh, end time ``T = 0.5``,
@@ -53,6 +54,12 @@ fastflow's ``CNF.last_nfe`` and ``last_nfe_backward``; for zuko, calls of its dy
 counted by a forward hook, before and during ``backward``). ``python -m bench.cases.ffjord
 --nfe`` prints them as a table, per step over the first few steps.
 
+A third group, ``ffjord-image``, is FFJORD on 1 x 8 x 8 images (concat-squash convolutions)
+trained with the adjoint: ``native`` is the train step compiled into one graph with
+:func:`fastflow.compile` (the in-graph solver and adjoint solve, Inductor), ``reference`` the
+eager solve on torchdiffeq (no native kernel takes convolutional dynamics). See
+``_image_group``.
+
 No ``reference-compiled`` row: the reference solve calls ``torch.autograd.grad`` inside the
 dynamics and the adjoint is a Python loop of torchdiffeq, which ``torch.compile(fullgraph=True)``
 cannot capture (the native solve is one node of a graph, so compiling it changes nothing).
@@ -71,7 +78,7 @@ import torch
 from torch import nn
 
 import fastflow
-from bench.cases._common import check_native, train_step
+from bench.cases._common import check_native, seeded, train_step
 from bench.harness import REFERENCE, Group, Skip
 
 __all__ = ["BATCH", "HIDDEN", "IMPLS", "T_END", "TOL", "groups", "nfe_table", "main"]
@@ -214,7 +221,46 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
               params=params),
         Group(name, "eval-nll", {impl: evaluate(impl) for impl in IMPLS}, repeat=7, warmup=1,
               params={**params, "estimator": "exact"}),
+        _image_group(device, dtype, quick),
     ]
+
+
+def _image_group(device: torch.device, dtype: torch.dtype, quick: bool) -> Group:
+    """FFJORD on images, trained with the adjoint: the whole train step compiled into one graph
+    (``native``: :func:`fastflow.compile`, Inductor; the in-graph solver and adjoint solve of
+    :mod:`fastflow.nn._ode_graph`) against the eager solve on torchdiffeq and autograd
+    (``reference``). ``FFJORD((1, 8, 8), hidden=(16, 16))``: concat-squash convolutions (3x3),
+    softplus, learned ``T = 0.5``, dopri5 at ``atol = rtol = 1e-5``, Hutchinson, the adjoint;
+    batch 32 (``quick``: ``(1, 4, 4)``, hidden (4,), batch 4, tolerance 1e-3). The compilation
+    happens in the untimed first step."""
+    from fastflow.models import FFJORD
+
+    shape, hidden, batch, tol = ((1, 4, 4), (4,), 4, 1e-3) if quick else ((1, 8, 8), (16, 16), 32, TOL)
+    params: dict[str, Any] = {"shape": list(shape), "hidden": list(hidden), "batch": batch,
+                              "T": T_END, "atol": tol, "rtol": tol, "solver": "dopri5",
+                              "estimator": "hutchinson", "adjoint": True}
+
+    def factory(impl: str) -> Callable[[], Callable[[], Any]]:
+        def build() -> Callable[[], Any]:
+            torch.manual_seed(0)
+            flow = FFJORD(shape, hidden=hidden, activation="softplus", layer="concatsquash",
+                          T=T_END, solver="dopri5", atol=tol, rtol=tol, adjoint=True)
+            flow.to(device=device, dtype=dtype).train()
+            x = torch.randn(batch, *shape, generator=seeded(3, device), device=device, dtype=dtype)
+            if impl == "native":
+                torch._dynamo.reset()
+                log_prob = fastflow.compile(flow.log_prob, fullgraph=True)
+            else:
+                log_prob = flow.log_prob
+            step = train_step(impl, flow, lambda: -log_prob(x).mean(), _backend(impl), LR)
+            params[f"nfe_forward_{impl}"] = int(flow.blocks[0].last_nfe)
+            return step
+
+        return build
+
+    name = f"ffjord-image/c{shape[0]}-{shape[1]}x{shape[2]}-h{'x'.join(map(str, hidden))}-b{batch}"
+    return Group(name, "train-step", {impl: factory(impl) for impl in ("native", REFERENCE)},
+                 repeat=5, warmup=1, params=params)
 
 
 def nfe_table(device: torch.device, dtype: torch.dtype, quick: bool = False, steps: int = 5,

@@ -13,18 +13,24 @@ indices"). ``tests/test_compile_export.py`` keeps a strict record of the bug.
 
 With ``torch._functorch.config.donated_buffer = False`` no backward input is donated, and the
 loops' gradients under Inductor equal eager's (the tests check this). fastflow does not change
-that setting itself: donated buffers save memory in every compiled backward of the program, so
-it is the user's choice. Set it before the compiled model first runs::
+that setting for the whole program (donated buffers save memory in every compiled backward).
+:func:`compile` is ``torch.compile`` with the settings this module names applied while the
+compiled function runs (and its backward lowered then, not at the first ``backward()``), so they
+hold for the fastflow model's graphs only::
+
+    log_prob = fastflow.compile(model.log_prob, fullgraph=True)
+
+Or set them for the program, before the compiled model first runs::
 
     torch._functorch.config.donated_buffer = False
+    torch._inductor.config.layout_optimization = False  # loops over convolutions (below)
     model = torch.compile(model, fullgraph=True)
 
 Then the roulette's backpropagated series runs exactly the drawn number of products in a
 compiled graph (not every product up to the cap), and a CNF trained on the in-graph solvers
 (``adjoint=False`` through the solver's steps, ``adjoint=True`` by the adjoint solve) compiles
-into one graph. With the default setting these keep the safe
-paths (the capped product loop; the eager torchdiffeq solve). Dynamo guards on the setting, so
-a change recompiles.
+into one graph. With the default settings these keep the safe paths (the capped product loop;
+the eager torchdiffeq solve). Dynamo guards on the settings, so a change recompiles.
 
 Loops over convolutions (convolutional residual branches, :class:`~fastflow.nn.ODEConvNet`
 dynamics) also need ``torch._inductor.config.layout_optimization = False``: Inductor otherwise
@@ -34,9 +40,14 @@ refuses a carry whose strides change (an error when the graph compiles).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 
-__all__ = ["loop_gradients_in_graph"]
+__all__ = ["compile", "loop_gradient_settings", "loop_gradients_in_graph"]
 
 
 def loop_gradients_in_graph(convolutions: bool = False) -> bool:
@@ -46,3 +57,46 @@ def loop_gradients_in_graph(convolutions: bool = False) -> bool:
     if torch._functorch.config.donated_buffer:
         return False
     return not (convolutions and torch._inductor.config.layout_optimization)
+
+
+@contextlib.contextmanager
+def loop_gradient_settings() -> Iterator[None]:
+    """The settings under which :func:`loop_gradients_in_graph` holds, for the block: donated
+    buffers off, Inductor's layout optimisation off (loops over convolutions), and the backward
+    graph lowered with the forward (so that it is lowered under these settings too)."""
+    with torch._functorch.config.patch(donated_buffer=False, force_non_lazy_backward_lowering=True), \
+            torch._inductor.config.patch(layout_optimization=False):
+        yield
+
+
+def compile(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:  # noqa: A001
+    """``torch.compile(fn, **kwargs)`` whose calls run under :func:`loop_gradient_settings`: a
+    fastflow model's loops then take their gradients inside the graph (module docstring),
+    without changing the settings for the rest of the program.
+
+    Arguments:
+        fn: what ``torch.compile`` takes: a module, a function or a bound method such as
+            ``model.log_prob``.
+        kwargs: ``torch.compile``'s (``fullgraph``, ``backend``, ``mode``, ...).
+
+    Returns:
+        A function with ``fn``'s signature; ``.compiled`` is ``torch.compile``'s result.
+
+    Example:
+        >>> import fastflow
+        >>> model = fastflow.models.FFJORD(2, hidden=(8,), solver="euler", step_size=0.25)
+        >>> log_prob = fastflow.compile(model.log_prob, fullgraph=True, backend="aot_eager")
+        >>> loss = -log_prob(torch.randn(4, 2)).mean()
+        >>> loss.backward()
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a module, function or method), got {type(fn).__name__}")
+    compiled = torch.compile(fn, **kwargs)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> Any:
+        with loop_gradient_settings():
+            return compiled(*args, **kw)
+
+    run.compiled = compiled  # type: ignore[attr-defined]
+    return run
