@@ -45,8 +45,8 @@ from torch.nn import functional as F
 
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
-__all__ = ["ADAPTIVE_GRAPH_SOLVERS", "GRAPH_SOLVERS", "MAX_STEPS", "graph_dynamics", "has_tableau",
-           "func_dynamics", "load_tableau", "odeint_adjoint_graph", "odeint_graph"]
+__all__ = ["ADAPTIVE_GRAPH_SOLVERS", "GRAPH_SOLVERS", "MAX_STEPS", "func_dynamics", "graph_dynamics",
+           "has_tableau", "load_tableau", "odeint_adjoint_graph", "odeint_graph"]
 
 #: The adaptive solvers the in-graph solve replays (torchdiffeq's Runge-Kutta pairs with step
 #: control); dopri5's tableau is written here, the others' are torchdiffeq's own

@@ -91,7 +91,7 @@ mode). Where the number of products follows the draw inside the graph:
 * the roulette with the backpropagated gradient runs every product up to the cap
   (:func:`~fastflow.ops.logdet_estimators.geometric_max_n`, ``n_exact + 54`` for ``p = 0.5``)
   with zero weights past the draw: one graph, but that many products per call. Where a
-  ``while_loop``'s backward is right (:mod:`fastflow.nn._loops`: donated buffers off), a
+  ``while_loop``'s backward is right (:func:`fastflow.compile`, :mod:`fastflow.nn._loops`), a
   ``while_loop`` runs exactly the drawn number here too. The Neumann gradient (the default) has
   no such cost.
 * memory-efficient Neumann gradients of convolutional branches are not taken in the forward
