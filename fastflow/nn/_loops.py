@@ -93,7 +93,7 @@ def compile(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:  # noq
         raise TypeError(f"fn must be callable (a module, function or method), got {type(fn).__name__}")
     compiled = torch.compile(fn, **kwargs)
 
-    @functools.wraps(fn)
+    @functools.wraps(fn, updated=())  # (not a module's __dict__)
     def run(*args: Any, **kw: Any) -> Any:
         with loop_gradient_settings():
             return compiled(*args, **kw)
