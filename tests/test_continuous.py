@@ -587,9 +587,16 @@ def test_bench_case_runs_and_records_nfe(capsys):
     from bench.cases import ffjord as case
 
     cpu = torch.device("cpu")
-    group, eval_group = case.groups(cpu, torch.float32, quick=True)
+    group, eval_group, image_group = case.groups(cpu, torch.float32, quick=True)
     assert group.case.startswith("ffjord/") and set(group.impls) == {"native", "reference", "zuko"}
     assert (group.pass_, eval_group.pass_) == ("train-step", "eval-nll")
+    # the image group: compiled (native; its compilation is not repeated here) against eager
+    assert image_group.case.startswith("ffjord-image/") and set(image_group.impls) == {"native", "reference"}
+    notes_image: list[str] = []
+    records = harness.run_group(image_group, cpu, torch.float32, repeat=1, warmup=1, min_sample_ms=0,
+                                impls=["reference"], log=lambda _: None, notes=notes_image)
+    assert not [n for n in notes_image if n.startswith("FAILED")], notes_image
+    assert records and records[0].params["nfe_forward_reference"] > 0
     notes_eval: list[str] = []
     harness.run_group(eval_group, cpu, torch.float32, repeat=1, warmup=1, min_sample_ms=0,
                       impls=["native", "reference", "zuko"], log=lambda _: None, notes=notes_eval)
