@@ -23,7 +23,8 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
-Only those nets (the CNF keeps the eager torchdiffeq path for others). The solve is
+Other nets (a user's own, without buffers) get the same products from :func:`func_dynamics`
+(``torch.func.vjp`` under ``vmap``), for solves without gradients. The solve is
 differentiable in two ways, as torchdiffeq's: :func:`odeint_graph` by backpropagation through
 its steps (``adjoint=False``: the gradient of the same discrete solve, the first step size's
 dependence on the input and the parameters included; the step-size update outside autograd,
