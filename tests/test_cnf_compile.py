@@ -310,7 +310,9 @@ def test_fastflow_compile_trains_image_ffjord_with_the_adjoint_on_inductor():
     torch._dynamo.reset()
     with inductor_config.patch(fallback_random=True):
         got, got_grads, _ = _run(flow, x, fastflow.compile(flow.log_prob, fullgraph=True), True, False)
+        assert flow.blocks[0].last_nfe_backward is None  # the graph's adjoint solve: not counted
         want, want_grads, _ = _run(flow, x, flow.log_prob, True, False)
+        assert flow.blocks[0].last_nfe_backward > 0
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, **F64)
     for g, w in zip(got_grads, want_grads):

@@ -747,7 +747,9 @@ class CNF(Transform):
         self.last_kinetic: Tensor | None = None
         self.last_jacobian_frobenius: Tensor | None = None
         self._last_dynamics: list[_Dynamics] = []  # a list: not registered as a submodule
-        self._last_graph = False  # the last solve ran in a compiled graph (no backward)
+        # the last solve ran in a compiled graph: False, "direct" or "adjoint" (with the
+        # adjoint solve in the graph's backward, whose evaluations are not counted)
+        self._last_graph: bool | str = False
 
     def extra_repr(self) -> str:
         shape = self.features if len(self.event_shape) == 1 else tuple(self.event_shape)
@@ -800,11 +802,12 @@ class CNF(Transform):
     @property
     def last_nfe_backward(self) -> int | None:
         """Evaluations of the dynamics in the adjoint solves of backward passes through the last
-        call (0 with ``adjoint=False`` or before a backward pass; None before a call)."""
+        call (0 with ``adjoint=False`` or before a backward pass; None before a call, and after
+        a compiled call whose adjoint solve ran in the graph, which does not count them)."""
         if self._last_probe is not None:
             return last_backward_nfe(self._last_probe) or 0
         if self._last_graph:
-            return 0
+            return None if self._last_graph == "adjoint" else 0
         return self._last_dynamics[0].nfe_backward if self._last_dynamics else None
 
     # -- the solves -------------------------------------------------------------------------
@@ -894,6 +897,15 @@ class CNF(Transform):
     def _net_has_convolutions(self) -> bool:
         return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.net.modules())
 
+    def _adjoint_parameters(self) -> tuple[list[str], tuple[Tensor, ...], bool]:
+        """The adjoint solve's parameters (torchdiffeq's ``adjoint_params``, which keeps those
+        that require grad): the net's that require grad, then ``sqrt_T`` when learned.
+        ``(the net's parameter names, the parameters, whether sqrt_T is the last)``."""
+        named = [(k, p) for k, p in self.net.named_parameters() if p.requires_grad]
+        learn_T = self.train_T and self.sqrt_T.requires_grad
+        params = tuple(p for _, p in named) + ((self.sqrt_T,) if learn_T else ())
+        return [k for k, _ in named], params, learn_T
+
     def _solve_graph(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                      grad_on: bool) -> tuple[Tensor, Tensor]:
         """The solve under ``torch.compile`` without torchdiffeq: the eager solve's steps and
@@ -933,12 +945,7 @@ class CNF(Transform):
             step = torch.as_tensor(self.step_size, dtype=torch.float64, device=T.device)
             step = step.div(T.detach().to(torch.float64))
         if self.adjoint and grad_on:
-            # torchdiffeq's adjoint parameters (the eager solve's): the net's, then sqrt_T when
-            # learned, those that require grad
-            named = [(k, p) for k, p in self.net.named_parameters() if p.requires_grad]
-            names = [k for k, _ in named]
-            learn_T = self.train_T and self.sqrt_T.requires_grad
-            params = tuple(p for _, p in named) + ((self.sqrt_T,) if learn_T else ())
+            names, params, learn_T = self._adjoint_parameters()
 
             def func(s: Tensor, y: tuple[Tensor, ...], ps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
                 sqrt_T = ps[-1] if learn_T else self.sqrt_T
@@ -956,7 +963,7 @@ class CNF(Transform):
         self.last_jacobian_frobenius = final[3] if regularize and self.jacobian_frobenius else None
         self._last_dynamics = []
         self._last_probe = None
-        self._last_graph = True
+        self._last_graph = "adjoint" if self.adjoint and grad_on else "direct"
         self._last_nfe = nfe
         return final[0], final[1]
 
@@ -986,9 +993,7 @@ class CNF(Transform):
                 options = {"step_size": self.step_size / float(self.end_time.detach())}
             kwargs = dict(rtol=self.rtol, atol=self.atol, method=self.solver, options=options)
             if self.adjoint and grad_on:
-                params = tuple(self.net.parameters())
-                if self.train_T:
-                    params = params + (self.sqrt_T,)
+                params = self._adjoint_parameters()[1]
                 out = td.odeint_adjoint(dyn, state, s, adjoint_params=params, **kwargs)
             elif grad_on:
                 out = td.odeint(dyn, state, s, **kwargs)
