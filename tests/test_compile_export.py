@@ -20,8 +20,11 @@
   tensor in the graph: one compilation serves every draw. Two cases also under Inductor; the
   MLP branch's Neumann gradients also under ``fastflow.backend("reference")`` (no native
   operator: the products in PyTorch operations in the graph).
-* Blocks whose log-det runs on the autograd estimators (a branch of unknown structure) run
-  eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
+* Residual blocks on a branch of the user's own (any module): one graph on ``torch.func``
+  products, every estimator, training and eval mode, blocks and ``ResidualFlow``; also under
+  Inductor, and bf16 autocast on ``ResidualFlowImage``.
+* Blocks whose log-det runs on the autograd estimators (a branch with torch's own spectral norm
+  in training mode) run eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
   ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises an error
   that names the reason. FFJORD solves with gradients on torchdiffeq (concat layers here; also
   conv dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and
@@ -227,15 +230,30 @@ class _Opaque(torch.nn.Module):
         return self.g(x)
 
 
-def _residual_opaque():
-    """Branches of unknown structure: the blocks' log-det runs on the autograd estimators
-    (eagerly)."""
+class _TorchSpectralNorm(torch.nn.Module):
+    """A branch on torch's own spectral norm (``torch.nn.utils.parametrizations``), scaled to
+    ``Lip < 1``: its power iteration runs in training mode, which the products by
+    ``torch.func`` cannot switch off."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        self.net = torch.nn.Sequential(sn(torch.nn.Linear(d, hidden)), torch.nn.ELU(),
+                                       sn(torch.nn.Linear(hidden, d)))
+
+    def forward(self, x):
+        return 0.9 * self.net(x)
+
+
+def _residual_torch_sn():
+    """Branches with torch's spectral norm (training mode): the blocks' log-det runs on the
+    autograd estimators (eagerly)."""
     torch.manual_seed(0)
     model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)
     for block in model.blocks:
-        block.g = _Opaque(block.g)
+        block.g = _TorchSpectralNorm(2, 8)
     initialize_actnorm(model, torch.randn(16, 2))
-    return model.eval(), torch.randn(5, 2)
+    return model.train(), torch.randn(5, 2)
 
 
 def _ffjord():
@@ -243,14 +261,19 @@ def _ffjord():
     return models.FFJORD(2, hidden=(8,), layer="concat").eval(), torch.randn(5, 2)
 
 
-@pytest.mark.parametrize("builder", [_residual_opaque, _ffjord], ids=["residual_opaque", "ffjord"])
+@pytest.mark.parametrize("builder", [_residual_torch_sn, _ffjord], ids=["residual_torch_sn", "ffjord"])
 def test_blocks_run_eagerly_inside_compiled_models(builder):
     """Plain torch.compile (graph breaks allowed) of a model whose blocks run eagerly: the
     compiled log_prob equals eager's. (FFJORD: about 20 s here, the slowest case.)"""
     model, x = builder()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)
     want = model.log_prob(x).detach()
-    compiled = torch.compile(model.log_prob, backend="aot_eager")
+    compiled = torch.compile(twin.log_prob, backend="aot_eager")
+    torch.manual_seed(3)
     torch.testing.assert_close(compiled(x).detach(), want, rtol=1e-5, atol=1e-5)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=k)
 
 
 def test_invertible_backprop_runs_under_a_plain_compile():
@@ -274,7 +297,7 @@ def test_invertible_backprop_runs_under_a_plain_compile():
 
 
 def test_autograd_estimator_blocks_break_the_graph():
-    model, x = _residual_opaque()
+    model, x = _residual_torch_sn()
     explanation = torch._dynamo.explain(model.log_prob)(x)
     # one break per eager block (torch.compiler.disable), the ActNorms and the base compiled
     assert explanation.graph_break_count >= len(model.blocks)
@@ -382,6 +405,7 @@ def _assert_matches_eager(builder, method, x, train):
         assert es.keys() == cs.keys()
         for k in es:
             torch.testing.assert_close(cs[k], es[k], rtol=1e-6, atol=1e-7, msg=f"call {i}: {k}")
+    return compiled_model
 
 
 @pytest.mark.parametrize("kind", [
@@ -516,6 +540,126 @@ def test_fastflow_compile_takes_loop_gradients_for_that_model_only():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_residual_flow_fullgraph_matches_eager(method, train):
     _assert_matches_eager(_flow, method, torch.randn(5, 2), train)
+
+
+# --------------------------------------------------------------------------------------------
+# Residual blocks on a branch of the user's own (any module): products by torch.func in the graph
+
+
+def _user_block(kind):
+    """``_block(kind)`` with its branch wrapped in a module the structured paths do not
+    recognise."""
+    block = _block(kind)
+    block.g = _Opaque(block.g)
+    return block
+
+
+@pytest.mark.parametrize("kind, train", [
+    ("exact", True), ("exact", False), ("iresnet_series", True), ("iresnet_series", False),
+    ("roulette", True), ("roulette", False), ("series_neumann", True), ("conv_exact", False),
+    ("conv_roulette", True),
+])  # the backpropagated roulette: test_user_branch_backprop_roulette_never_loops_with_gradients
+def test_user_branch_block_fullgraph_matches_eager(kind, train):
+    """One graph on a branch of unknown structure (eager: the autograd estimators), for every
+    estimator and gradient: eager's values, draws, gradients w.r.t. the input and every
+    parameter, and spectral-norm state (the branch's own call updates it once; the products'
+    calls do not); the module flags and the backend are as before the call."""
+    from fastflow.nn import lipschitz
+
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
+    block = _assert_matches_eager(lambda: _user_block(kind), "forward", x, train)
+    assert all(m.training == train for m in block.modules())
+    assert fastflow.get_backend() == "auto" and lipschitz._power_updates
+
+
+def _user_flow():
+    torch.manual_seed(0)
+    model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)
+    for block in model.blocks:
+        block.g = _Opaque(block.g)
+    initialize_actnorm(model, torch.randn(16, 2))
+    return _unconverged(model)
+
+
+@pytest.mark.parametrize("method", ["forward", "log_prob"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_user_branch_flow_fullgraph_matches_eager(method, train):
+    _assert_matches_eager(_user_flow, method, torch.randn(5, 2), train)
+
+
+def test_user_branch_torch_spectral_norm_in_eval_mode_compiles():
+    """torch's spectral norm does no power iteration in eval mode: one graph, eager's log_prob
+    (in training mode it stays eager, test_autograd_estimator_blocks_break_the_graph)."""
+    model, x = _residual_torch_sn()
+    model.eval()
+    want = model.log_prob(x)
+    got = torch.compile(model.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_user_branch_backprop_roulette_never_loops_with_gradients():
+    """Where loops may take gradients (fastflow.nn._loops), the backpropagated roulette on a
+    user's branch still runs the capped products (a while_loop with autograd over torch.func
+    products gave wrong values, even under aot_eager), and matches eager."""
+    x = torch.randn(5, 3)
+    with loop_gradient_settings():
+        assert not _graph_has_while_loop(_user_block("roulette_backprop").train(), x)
+        assert _graph_has_while_loop(_block("roulette_backprop").train(), x)
+        _assert_matches_eager(lambda: _user_block("roulette_backprop"), "forward", x, True)
+
+
+def test_user_branch_inductor_matches_eager():
+    """Under Inductor (with eager's random numbers), training mode with the roulette's Neumann
+    gradient (its series in a while_loop without autograd): eager's values and gradients."""
+    x = torch.randn(5, 3)
+    block = _user_block("roulette").train()
+    twin = copy.deepcopy(block)
+    out = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for model, fn in ((block, block), (twin, torch.compile(twin, fullgraph=True))):
+            torch.manual_seed(3)
+            xr = x.clone().requires_grad_()
+            y, logdet = fn(xr)
+            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(), [xr, *model.parameters()],
+                                        allow_unused=True)
+            out.append((logdet.detach(), grads))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[0][1], out[1][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_residual_flow_image_under_autocast_compiles():
+    """bf16 autocast on convolutional branches (eager: the autograd estimators, in bf16): one
+    graph on the torch.func products; its log_prob within bf16 rounding of eager's, its
+    gradients as close to float32's as eager's are (both bf16 estimates of the same
+    roulette)."""
+    torch.manual_seed(0)
+    model = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4)
+    initialize_actnorm(model, torch.randn(8, 1, 4, 4))
+    model = _unconverged(model).train()
+    x = torch.randn(3, 1, 4, 4)
+    explanation = torch._dynamo.explain(copy.deepcopy(model).log_prob)
+    with torch.autocast("cpu", torch.bfloat16):
+        counts = explanation(x)
+    assert counts.graph_count == 1 and counts.graph_break_count == 0
+    runs = {}
+    for name in ("float32", "eager", "compiled"):
+        twin = copy.deepcopy(model)
+        fn = torch.compile(twin.log_prob, fullgraph=True, backend="aot_eager") if name == "compiled" else twin.log_prob
+        torch.manual_seed(3)
+        with torch.autocast("cpu", torch.bfloat16, enabled=name != "float32"):
+            lp = fn(x)
+        assert lp.dtype == torch.float32
+        grads = torch.autograd.grad(lp.sum(), list(twin.parameters()), allow_unused=True)
+        runs[name] = (lp.detach(), [g for g in grads if g is not None])
+
+    def gap(name):
+        return max((a - b).norm() / b.norm() for a, b in zip(runs[name][1], runs["float32"][1]))
+
+    torch.testing.assert_close(runs["compiled"][0], runs["eager"][0], rtol=2e-2, atol=0.1)
+    assert gap("compiled") < 2 * gap("eager") + 1e-2, (gap("compiled"), gap("eager"))
 
 
 @pytest.mark.parametrize("kind", [pytest.param("roulette", marks=requires_native), "conv_roulette"])

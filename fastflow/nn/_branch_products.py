@@ -18,7 +18,8 @@ capped product with zero weights past the draw (see :func:`power_sums`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
-__all__ = ["conv_structure", "ConvLinearization", "power_sums"]
+__all__ = [
+    "conv_structure", "ConvLinearization", "func_products", "jacobian_from_vjp", "mode_dependent", "power_sums",
+]
 
 
 def _conv_ok(m: nn.Module) -> bool:
@@ -131,12 +134,83 @@ class ConvLinearization:
 
     def jacobian(self) -> Tensor:
         """The per-sample Jacobian ``[B, D, D]`` (``D = C H W``, flattened), by ``D`` products."""
-        b = self.out.shape[0]
-        shape = self.out.shape[1:]
-        d = shape.numel()
-        basis = torch.eye(d, dtype=self.out.dtype, device=self.out.device)
-        rows = self.vjp(basis.reshape(d, 1, *shape).expand(d, b, *shape))  # rows[i, b] = e_i^T J_b
-        return rows.reshape(d, b, d).transpose(0, 1)
+        return jacobian_from_vjp(self.vjp, self.out)
+
+
+def jacobian_from_vjp(vjp: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
+    """The per-sample Jacobian ``[B, D, D]`` (``D`` a sample's elements, flattened) of a
+    row-wise map with output like ``out`` ``[B, ...]``, from its product ``vjp`` (``u -> J^T u``
+    on ``[..., B, ...]``): ``D`` products, one batch of cotangents."""
+    b = out.shape[0]
+    shape = out.shape[1:]
+    d = shape.numel()
+    basis = torch.eye(d, dtype=out.dtype, device=out.device)
+    rows = vjp(basis.reshape(d, 1, *shape).expand(d, b, *shape))  # rows[i, b] = e_i^T J_b
+    return rows.reshape(d, b, d).transpose(0, 1)
+
+
+def mode_dependent(g: nn.Module) -> nn.Module | None:
+    """A submodule of ``g`` in training mode whose call depends on that mode in a way
+    :func:`func_products` cannot switch off (dropout, batch statistics, torch's own spectral
+    norms), or None. fastflow's spectral norms are not such modules."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
+
+    for m in g.modules():
+        if not m.training:
+            continue
+        if isinstance(m, (_DropoutNd, _NormBase, _SpectralNorm, nn.RReLU)):
+            return m
+        if any(isinstance(h, _SpectralNormHook) for h in m._forward_pre_hooks.values()):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    """A branch of any kind linearised at ``x`` by ``torch.func``, for a compiled graph: yields
+    ``(out, vjp)`` with ``out = g(x)`` (the branch's own call, with its training-mode state
+    update) and ``vjp`` applying ``J^T`` to cotangents ``[..., *x.shape]``, inside the block.
+
+    Each product is :func:`torch.func.vjp` of a second call of ``g`` at ``x`` (a forward and a
+    backward of ``g``: a pullback kept from one call cannot be carried into a ``while_loop``'s
+    body), made with fastflow's spectral norms' power-iteration updates off (they use the
+    weights of the first call and change no state) and fastflow's operators on their
+    references (``torch.func`` does not run the native operators' C++ autograd kernels). The
+    branch's training-mode call must not depend on the mode otherwise (:func:`mode_dependent`
+    finds torch's modules that do). The products are differentiable by ordinary autograd
+    w.r.t. ``x`` and ``g``'s parameters.
+    """
+    from fastflow import _native
+    from fastflow.nn import lipschitz
+
+    out = g(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(
+            f"g must return a tensor of its input's shape {tuple(x.shape)}, got "
+            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+        )
+
+    def one(u: Tensor) -> Tensor:
+        again, pullback = torch.func.vjp(g, x)
+        return pullback(u.to(again.dtype))[0]
+
+    def vjp(u: Tensor) -> Tensor:
+        lead = u.shape[: u.dim() - x.dim()]
+        if not lead:
+            return one(u)
+        return torch.func.vmap(one)(u.reshape(-1, *x.shape)).reshape(*lead, *x.shape)
+
+    # module globals, set and restored by hand (not flags on the modules, not a generator
+    # context manager): what torch.compile replays correctly around a while_loop
+    backend, updates = _native._backend, lipschitz._power_updates
+    _native._backend, lipschitz._power_updates = "reference", False
+    try:
+        yield out, vjp
+    finally:
+        _native._backend, lipschitz._power_updates = backend, updates
 
 
 def _activation_kind_code(act: nn.Module) -> int:
@@ -158,6 +232,7 @@ def power_sums(
     n_total: int | Tensor,
     psi_coeffs: Sequence[float] | Tensor | None = None,
     convolutions: bool = False,
+    loop_gradients: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``(value, psi)`` of the power series on the product ``apply`` (``J`` or ``J^T``).
 
@@ -174,6 +249,8 @@ def power_sums(
     coefficient's product runs (the cap's, ``len(value_coeffs)``) and the weights past the draw
     are zero. ``psi_coeffs`` only with autograd off. ``n_total >= 1``. ``convolutions``: the
     product runs convolutions (:func:`~fastflow.nn._loops.loop_gradients_in_graph`).
+    ``loop_gradients=False``: never a ``while_loop`` with autograd (products by ``torch.func``,
+    :func:`func_products`: such a loop's values came out wrong, even under ``aot_eager``).
     """
     if not isinstance(n_total, Tensor):
         u = probes
@@ -193,7 +270,7 @@ def power_sums(
     cv = torch.as_tensor(value_coeffs).to(device=device, dtype=wide)
     if torch.is_grad_enabled() and psi_coeffs is not None:
         raise ValueError("psi_coeffs with a tensor n_total needs autograd off")
-    if torch.is_grad_enabled() and not loop_gradients_in_graph(convolutions):
+    if torch.is_grad_enabled() and not (loop_gradients and loop_gradients_in_graph(convolutions)):
         u = probes
         value = None
         for k in range(cv.shape[0]):

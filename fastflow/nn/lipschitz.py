@@ -63,6 +63,14 @@ def _random_unit(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x).clamp_min(1e-12)
 
 
+# Whether a training-mode forward runs its power-iteration update. Off only while a residual
+# block's compiled graph takes its branch's products by torch.func
+# (fastflow.nn._branch_products.func_products): a second call of the branch at the same point
+# must use the weights of the first and change no state. A module global, not a flag on each
+# layer: torch.compile (2.13) loses a module attribute's restore made after a while_loop.
+_power_updates = True
+
+
 class _SpectralNormBase(nn.Module):
     """The power-iteration state (buffers ``u``, ``v``) and its update rules."""
 
@@ -133,7 +141,7 @@ class _SpectralNormBase(nn.Module):
 
     def _normalized(self, update: bool) -> tuple[Tensor, Tensor]:
         self._check_ready()
-        if update and self.n_power_iter > 0:
+        if update and self.n_power_iter > 0 and _power_updates:
             u, v = self._power(self.u, self.v, self.n_power_iter)
             with torch.no_grad():
                 self.u.copy_(u)

@@ -61,12 +61,16 @@ its surrogate reuses the forward's graph, which measured less peak memory at the
 series with the backpropagated gradient and the roulette with ``neumann_grad=False`` run on the
 products in eager mode too (faster and smaller than the autograd estimators there).
 
-The inverse's forward solve runs on the native fixed-point operator. Other branches (any other
-module), autocast on convolutional branches, and, in eager mode, the Neumann gradients of MLP
-branches where the native operator is not used (``fastflow.backend("reference")``, no
-extension) use the autograd estimators of :mod:`fastflow.ops.logdet_estimators`; a compiled
+The inverse's forward solve runs on the native fixed-point operator. In eager mode, other
+branches (any other module), autocast on convolutional branches, and the Neumann gradients of
+MLP branches where the native operator is not used (``fastflow.backend("reference")``, no
+extension) use the autograd estimators of :mod:`fastflow.ops.logdet_estimators`. A compiled
 graph runs those Neumann gradients on the MLP's products in PyTorch operations (the
-vector-Jacobian products by the transposed weights), as it does for convolutional branches.
+vector-Jacobian products by the transposed weights), as it does for convolutional branches,
+and the other branches and autocast on the products of ``torch.func``
+(:func:`~fastflow.nn._branch_products.func_products`): the same estimators, each product a
+:func:`torch.func.vjp` of a second call of the branch at ``x`` with fastflow's spectral
+norms' updates off.
 
 Roulette draws: the number of extra terms ``N`` is geometric, drawn by
 :func:`~fastflow.ops.logdet_estimators.draw_geometric_n` as a 0-d CPU tensor (one
@@ -97,11 +101,22 @@ mode). Where the number of products follows the draw inside the graph:
 * memory-efficient Neumann gradients of convolutional branches are not taken in the forward
   inside a graph (the plain surrogate runs; same gradients).
 
-The autograd estimators (other branches) run eagerly (``torch.compiler.disable``): a plain
-``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
-names the reason. Their ``torch.autograd.grad`` with ``create_graph`` is not traced by dynamo,
-and AOT-compiled graphs do not differentiate twice. :meth:`iResBlock.inverse` (the fixed-point
-solve) always runs eagerly.
+* a branch of another kind compiles into the graph on ``torch.func`` products (above),
+  in training and eval mode, for every estimator, and matches eager; its backpropagated
+  roulette always runs the capped products (never a ``while_loop`` with autograd: over
+  ``torch.func`` products its values came out wrong, even under ``aot_eager``). Its
+  training-mode call must depend on the mode only through fastflow's spectral norms
+  (:class:`~fastflow.nn.SpectralNormLinear`, :class:`~fastflow.nn.SpectralNormConv2d`),
+  whose updates the products switch off.
+
+A branch with a submodule in training mode whose call depends on that mode otherwise (dropout,
+batch norm, torch's own spectral norms:
+:func:`~fastflow.nn._branch_products.mode_dependent`) runs the autograd estimators eagerly
+inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks the
+graph around them, and ``fullgraph=True`` raises an error that names the reason. Their
+``torch.autograd.grad`` with ``create_graph`` is not traced by dynamo, and AOT-compiled graphs
+do not differentiate twice. :meth:`iResBlock.inverse` (the fixed-point solve) always runs
+eagerly.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. "Invertible Residual Networks" (2019),
@@ -133,6 +148,7 @@ from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_trac
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
 from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize, _vjp as _mlp_vjp
 from fastflow.nn._branch_products import ConvLinearization, _wide_dot, conv_structure, power_sums
+from fastflow.nn._branch_products import func_products, jacobian_from_vjp, mode_dependent
 from fastflow import _native
 
 __all__ = [
@@ -574,14 +590,15 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         n = int(n_total)  # CPU tensors: no device synchronisation
         return n, value[:n].tolist(), psi[:n].tolist()
 
-    def _roulette_backprop(self, x: Tensor, apply: Any,
-                           convolutions: bool = False) -> tuple[Tensor, int | Tensor]:
+    def _roulette_backprop(self, x: Tensor, apply: Any, convolutions: bool = False,
+                           loop_gradients: bool = True) -> tuple[Tensor, int | Tensor]:
         """The roulette's value with its gradient backpropagated through every product
         ``apply`` (``J`` or ``J^T``; ``convolutions``: of a convolutional branch) of a branch in
-        PyTorch operations: ``(logdet, terms)``."""
+        PyTorch operations (``loop_gradients``: :func:`power_sums`'s): ``(logdet, terms)``."""
         n_total, value, _ = self._roulette_draw()
         probes = sample_probes(x, self.n_probes, self.probe)
-        logdet, _ = power_sums(apply, probes, value, n_total, convolutions=convolutions)
+        logdet, _ = power_sums(apply, probes, value, n_total, convolutions=convolutions,
+                               loop_gradients=loop_gradients)
         return logdet, n_total
 
     def _conv_route(self, kind: str, x: Tensor, need: bool) -> list | None:
@@ -611,16 +628,34 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return None
         with contextlib.nullcontext() if need else torch.no_grad():
             lin = ConvLinearization(steps, x)
-            terms: int | Tensor
-            if kind == "exact":
-                logdet = logdet_identity_plus(lin.jacobian())
-                terms = x[0].numel()
-            elif kind == "roulette" and need and not self.neumann_grad:
-                logdet, terms = self._roulette_backprop(x, lin.vjp, convolutions=True)
-            else:
-                logdet, terms = self._series_on_products(kind, x, lin.vjp, need)
+            logdet, terms = self._estimate_on_products(kind, x, lin.out, lin.vjp, need, True, True)
         self.last_estimator, self.last_terms = kind, terms
         return x + lin.out, logdet
+
+    def _transform_func(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor]:
+        """Inside a compiled graph, a branch of another kind (or autocast): the estimators of
+        the autograd path on products by ``torch.func``
+        (:func:`~fastflow.nn._branch_products.func_products`)."""
+        with contextlib.nullcontext() if need else torch.no_grad():
+            convolutions = any(isinstance(m, nn.Conv2d) for m in self.g.modules())
+            with func_products(self.g, x) as (gx, vjp):
+                logdet, terms = self._estimate_on_products(
+                    kind, x, gx, vjp, need, convolutions, loop_gradients=False
+                )
+        self.last_estimator, self.last_terms = kind, terms
+        return x + gx, logdet
+
+    def _estimate_on_products(
+        self, kind: str, x: Tensor, gx: Tensor, vjp: Any, need: bool, convolutions: bool,
+        loop_gradients: bool = True,
+    ) -> tuple[Tensor, int | Tensor]:
+        """The estimate of ``kind`` on a branch's product ``vjp`` (``u -> J^T u``) in
+        PyTorch operations, ``gx = g(x)``: ``(logdet, terms)``."""
+        if kind == "exact":
+            return logdet_identity_plus(jacobian_from_vjp(vjp, gx)), x[0].numel()
+        if kind == "roulette" and need and not self.neumann_grad:
+            return self._roulette_backprop(x, vjp, convolutions, loop_gradients)
+        return self._series_on_products(kind, x, vjp, need)
 
     def _series_on_products(
         self, kind: str, x: Tensor, vjp: Any, need: bool
@@ -652,11 +687,12 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
     # with create_graph), which dynamo does not capture and AOT-compiled graphs do not support
     # (no double backward, donated buffers).
     @torch.compiler.disable(
-        reason="fastflow iResBlock: this log-det runs on the autograd estimators "
-        "(torch.autograd.grad with create_graph), which torch.compile does not trace; "
-        "MLP-structured branches (fastflow.nn.residual.mlp_structure) on 2-D inputs and "
-        "convolutional ones (fastflow.nn._branch_products.conv_structure) on images compile "
-        "into one graph (fastflow.nn.residual docstring)"
+        reason="fastflow iResBlock: this branch has a submodule in training mode whose call "
+        "depends on the mode (dropout, batch norm, torch's own spectral norm: "
+        "fastflow.nn._branch_products.mode_dependent), so its log-det runs on the autograd "
+        "estimators (torch.autograd.grad with create_graph), which torch.compile does not "
+        "trace; in eval mode, or with fastflow's SpectralNormLinear/SpectralNormConv2d, the "
+        "block compiles into one graph (fastflow.nn.residual docstring)"
     )
     def _transform_autograd(
         self, kind: str, x: Tensor, need: bool, params: tuple[Tensor, ...]
@@ -687,6 +723,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             out = self._transform_conv(kind, x, need)
         if out is not None:
             return out
+        if _compiling() and mode_dependent(self.g) is None:
+            return self._transform_func(kind, x, need)
         return self._transform_autograd(kind, x, need, params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
