@@ -13,7 +13,8 @@ included, and ``fullgraph=True`` raises an error that names the reason. With don
 off (:mod:`fastflow.nn._loops`), training runs the in-graph solve, ``adjoint=False`` with
 gradients through its steps and ``adjoint=True`` by the adjoint solve: one graph, eager's
 values and gradients (``aot_eager``; on Inductor a fixed-step case, and FFJORD on images
-with the adjoint through :func:`fastflow.compile`).
+with the adjoint through :func:`fastflow.compile`); so does ``adjoint=True`` training with a
+dynamics net of the user's own (``adjoint=False`` stays eager with it).
 
 Tiny nets and loose tolerances keep every solve short.
 """
@@ -385,10 +386,27 @@ def test_user_defined_dynamics_without_gradients(kind, method):
     _compiled_matches_eager(cnf, x, method=method, grad=False)
 
 
+@pytest.mark.parametrize("kind", ["mlp exact regularised", "conv hutchinson"])
+def test_user_defined_dynamics_adjoint_training(kind):
+    """adjoint=True training with a net of the user's own (no buffers), where loops may take
+    gradients: one graph (both solves loops without autograd, the products by torch.func), and
+    eager's values, gradients (the input's and every parameter's) and number of evaluations."""
+    if kind == "mlp exact regularised":
+        cnf = _user_cnf(_UserMLP(2), 2, adjoint=True, estimator="exact", kinetic=True,
+                        jacobian_frobenius=True)
+    else:
+        cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=True)
+    cnf.train()
+    x = torch.randn(3, *cnf.event_shape, dtype=torch.float64)
+    with loop_gradient_settings():
+        _one_graph(cnf, x, grad=True)
+        _compiled_matches_eager(cnf, x, method="forward", grad=True)
+
+
 @pytest.mark.parametrize("net", ["training", "buffers"])
 def test_user_defined_dynamics_that_stay_eager(net):
-    """Training with a user's net (any setting), and a user's net with buffers, stay on
-    torchdiffeq: fullgraph names the reason."""
+    """Training with a user's net and adjoint=False (with gradients through loops allowed),
+    and a user's net with buffers, stay on torchdiffeq: fullgraph names the reason."""
     if net == "training":
         cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=False).train()
         ctx = loop_gradient_settings()

@@ -78,12 +78,16 @@ Training with an :class:`ODEnet` or :class:`ODEConvNet` (the regularisers includ
 same in-graph solve with gradients, as the eager solve computes them: through the solver's steps
 with ``adjoint=False``; by torchdiffeq's adjoint method with ``adjoint=True`` (the augmented
 system solved back in time with its adjoint norm, so the compiled backward takes the eager
-one's steps). That needs the settings under which Inductor gets a ``while_loop``'s backward
-right: :func:`fastflow.compile` applies them to the model's graphs (:mod:`fastflow.nn._loops`).
-Without them, solves with gradients outside the native solve run eagerly on torchdiffeq inside a
-compiled model (``torch.compiler.disable``), as do training with a net of the user's own and
-nets with buffers: a plain ``torch.compile`` breaks the graph around them, and
-``fullgraph=True`` raises an error that names the reason.
+one's steps). Training with a net of the user's own (without buffers) does too with
+``adjoint=True`` (both solves are loops without autograd, the products by ``torch.func``), not
+with ``adjoint=False`` (torch 2.13's ``while_loop`` with autograd through ``torch.func``
+products took other steps than eager). That needs the settings under which Inductor gets a
+``while_loop``'s backward right: :func:`fastflow.compile` applies them to the model's graphs
+(:mod:`fastflow.nn._loops`). Without them, solves with gradients outside the native solve run
+eagerly on torchdiffeq inside a compiled model (``torch.compiler.disable``), as do training
+with a net of the user's own and ``adjoint=False``, and nets with buffers: a plain
+``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
+names the reason.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -869,27 +873,27 @@ class CNF(Transform):
     def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
         a solver it replays, and either no gradient through the solve (any dynamics net
-        without buffers) or, for the library's nets, a gradient (through the steps, or by the
-        adjoint) where a ``while_loop``'s backward is right
-        (:func:`~fastflow.nn._loops.loop_gradients_in_graph`); otherwise the solve stays on
-        torchdiffeq, eagerly."""
+        without buffers) or a gradient where a ``while_loop``'s backward is right
+        (:func:`~fastflow.nn._loops.loop_gradients_in_graph`): for the library's nets through
+        the steps or by the adjoint, for other nets without buffers by the adjoint; otherwise
+        the solve stays on torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
             and (self.solver not in ADAPTIVE_GRAPH_SOLVERS or has_tableau(self.solver))
             and (not grad_on or loop_gradients_in_graph(convolutions=self._net_has_convolutions()))
             and (
                 self._hand_written_dynamics()
-                or (not grad_on and not any(True for _ in self.net.buffers()))
+                or ((not grad_on or self.adjoint) and not any(True for _ in self.net.buffers()))
             )
         )
 
     def _hand_written_dynamics(self) -> bool:
         """Whether the in-graph solve differentiates the net by hand (:func:`graph_dynamics`:
         the library's ODEnet and ODEConvNet); other nets by ``torch.func``
-        (:func:`func_dynamics`), in solves without gradients only: torch 2.13's ``while_loop``
-        with autograd through a body that calls ``torch.func.vjp`` took other steps than eager
-        (a user's MLP, exact trace: 26 evaluations for eager's 20, the log-det 0.06 off,
-        already without compiling)."""
+        (:func:`func_dynamics`), in solves without autograd through the loop only (no
+        gradient, or the adjoint): torch 2.13's ``while_loop`` with autograd through a body
+        that calls ``torch.func.vjp`` took other steps than eager (a user's MLP, exact trace: 26
+        evaluations for eager's 20, the log-det 0.06 off, already without compiling)."""
         return (type(self.net) is ODEnet and len(self.event_shape) == 1) or (
             type(self.net) is ODEConvNet and len(self.event_shape) == 3
         )
@@ -947,7 +951,9 @@ class CNF(Transform):
         if self.adjoint and grad_on:
             names, params, learn_T = self._adjoint_parameters()
 
-            def func(s: Tensor, y: tuple[Tensor, ...], ps: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            def func(s: Tensor, y: tuple[Tensor, ...], ps: tuple[Tensor, ...] | None) -> tuple[Tensor, ...]:
+                if ps is None:  # the forward solve: the module's own tensors (the same values)
+                    return rhs(s, y, T, None)
                 sqrt_T = ps[-1] if learn_T else self.sqrt_T
                 return rhs(s, y, sqrt_T * sqrt_T, dict(zip(names, ps)))
 
@@ -971,9 +977,10 @@ class CNF(Transform):
         reason="fastflow CNF: this solve runs on torchdiffeq (a data-dependent Python loop, the "
         "divergence by torch.autograd.grad), which torch.compile does not trace: compiled, a CNF "
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
-        "(any of its solvers; gradients only for an ODEnet or ODEConvNet and with "
-        "torch._functorch.config.donated_buffer off: fastflow.nn._loops); other solves with "
-        "gradients and nets with buffers run eagerly (fastflow.nn.continuous docstring)"
+        "(any of its solvers; gradients with torch._functorch.config.donated_buffer off, "
+        "fastflow.nn._loops, for an ODEnet or ODEConvNet, or by the adjoint for other nets); "
+        "other solves with gradients and nets with buffers run eagerly "
+        "(fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                            grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
