@@ -21,10 +21,11 @@
   MLP branch's Neumann gradients also under ``fastflow.backend("reference")`` (no native
   operator: the products in PyTorch operations in the graph).
 * Residual blocks on a branch of the user's own (any module): one graph on ``torch.func``
-  products, every estimator, training and eval mode, blocks and ``ResidualFlow``; also under
-  Inductor, and bf16 autocast on ``ResidualFlowImage``.
-* Blocks whose log-det runs on the autograd estimators (a branch with torch's own spectral norm
-  in training mode) run eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
+  products, every estimator, training and eval mode, blocks and ``ResidualFlow``, torch's
+  spectral-norm parametrization; also under Inductor, and bf16 autocast on
+  ``ResidualFlowImage``.
+* Blocks whose log-det runs on the autograd estimators (a branch with torch's hook-based
+  ``spectral_norm``) run eagerly inside a compiled model by design (``torch.compiler.disable``): a plain
   ``torch.compile`` (graph breaks allowed) matches eager, and ``fullgraph=True`` raises an error
   that names the reason. FFJORD solves with gradients on torchdiffeq (concat layers here; also
   conv dynamics, the regularisers, fixed-step solvers) break the graph at the solver's loop and
@@ -231,13 +232,14 @@ class _Opaque(torch.nn.Module):
 
 
 class _TorchSpectralNorm(torch.nn.Module):
-    """A branch on torch's own spectral norm (``torch.nn.utils.parametrizations``), scaled to
-    ``Lip < 1``: its power iteration runs in training mode, which the products by
-    ``torch.func`` cannot switch off."""
+    """A branch on torch's own spectral norm, scaled to ``Lip < 1``: the parametrization
+    (``torch.nn.utils.parametrizations.spectral_norm``) or, with ``hooks``, the older
+    ``torch.nn.utils.spectral_norm``, whose forward hook runs the power iteration and sets the
+    weight attribute on every call."""
 
-    def __init__(self, d, hidden):
+    def __init__(self, d, hidden, hooks=False):
         super().__init__()
-        sn = torch.nn.utils.parametrizations.spectral_norm
+        sn = torch.nn.utils.spectral_norm if hooks else torch.nn.utils.parametrizations.spectral_norm
         self.net = torch.nn.Sequential(sn(torch.nn.Linear(d, hidden)), torch.nn.ELU(),
                                        sn(torch.nn.Linear(hidden, d)))
 
@@ -245,13 +247,13 @@ class _TorchSpectralNorm(torch.nn.Module):
         return 0.9 * self.net(x)
 
 
-def _residual_torch_sn():
-    """Branches with torch's spectral norm (training mode): the blocks' log-det runs on the
-    autograd estimators (eagerly)."""
+def _residual_torch_sn(hooks=True):
+    """A ResidualFlow on branches with torch's spectral norm, in training mode (with
+    ``hooks``, the blocks' log-det runs on the autograd estimators, eagerly)."""
     torch.manual_seed(0)
     model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)
     for block in model.blocks:
-        block.g = _TorchSpectralNorm(2, 8)
+        block.g = _TorchSpectralNorm(2, 8, hooks)
     initialize_actnorm(model, torch.randn(16, 2))
     return model.train(), torch.randn(5, 2)
 
@@ -266,7 +268,7 @@ def test_blocks_run_eagerly_inside_compiled_models(builder):
     """Plain torch.compile (graph breaks allowed) of a model whose blocks run eagerly: the
     compiled log_prob equals eager's. (FFJORD: about 20 s here, the slowest case.)"""
     model, x = builder()
-    twin = copy.deepcopy(model)
+    twin, _ = builder()  # (the same seed; torch's hook-based spectral norm does not deepcopy)
     torch.manual_seed(3)
     want = model.log_prob(x).detach()
     compiled = torch.compile(twin.log_prob, backend="aot_eager")
@@ -587,14 +589,13 @@ def test_user_branch_flow_fullgraph_matches_eager(method, train):
     _assert_matches_eager(_user_flow, method, torch.randn(5, 2), train)
 
 
-def test_user_branch_torch_spectral_norm_in_eval_mode_compiles():
-    """torch's spectral norm does no power iteration in eval mode: one graph, eager's log_prob
-    (in training mode it stays eager, test_autograd_estimator_blocks_break_the_graph)."""
-    model, x = _residual_torch_sn()
-    model.eval()
-    want = model.log_prob(x)
-    got = torch.compile(model.log_prob, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_user_branch_torch_spectral_norm_compiles(train):
+    """Branches on torch's spectral-norm parametrization: its power iteration runs once per
+    call, in the branch's own call (the products reuse the weights: parametrize's cache), so
+    one graph gives eager's values, gradients and ``_u``/``_v`` state."""
+    _assert_matches_eager(lambda: _residual_torch_sn(hooks=False)[0], "log_prob", torch.randn(5, 2),
+                          train)
 
 
 def test_user_branch_backprop_roulette_never_loops_with_gradients():

@@ -9,6 +9,10 @@ gradient flows through them by autograd (the series' backpropagated gradient, th
 surrogate), and ``torch.compile`` traces them, where the autograd estimators' vector-Jacobian
 products (``torch.autograd.grad`` with ``create_graph``) are not traced.
 
+A branch of any other kind gets the same products inside a compiled graph from
+:func:`func_products` (``torch.func.vjp`` of a second call of the branch), where the branch
+allows it (:func:`unrepeatable_submodule`).
+
 :func:`power_sums` runs the power series of the log-det estimators on any such product, with a
 Python number of terms, or, inside a compiled graph, a number of terms that is a tensor (the
 roulette's draw): through ``torch._higher_order_ops.while_loop`` without autograd or where the
@@ -29,7 +33,8 @@ from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
 __all__ = [
-    "conv_structure", "ConvLinearization", "func_products", "jacobian_from_vjp", "mode_dependent", "power_sums",
+    "conv_structure", "ConvLinearization", "func_products", "jacobian_from_vjp", "power_sums",
+    "unrepeatable_submodule",
 ]
 
 
@@ -149,21 +154,21 @@ def jacobian_from_vjp(vjp: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
     return rows.reshape(d, b, d).transpose(0, 1)
 
 
-def mode_dependent(g: nn.Module) -> nn.Module | None:
-    """A submodule of ``g`` in training mode whose call depends on that mode in a way
-    :func:`func_products` cannot switch off (dropout, batch statistics, torch's own spectral
-    norms), or None. fastflow's spectral norms are not such modules."""
+def unrepeatable_submodule(g: nn.Module) -> nn.Module | None:
+    """A submodule of ``g`` whose call :func:`func_products` cannot repeat without changing
+    state or results (in training mode: dropout, batch statistics; in any mode: torch's
+    hook-based ``torch.nn.utils.spectral_norm``), or None. fastflow's spectral norms and torch's
+    parametrizations (``torch.nn.utils.parametrizations.spectral_norm``) are not such
+    modules."""
     from torch.nn.modules.batchnorm import _NormBase
     from torch.nn.modules.dropout import _DropoutNd
-    from torch.nn.utils.parametrizations import _SpectralNorm
     from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 
     for m in g.modules():
-        if not m.training:
-            continue
-        if isinstance(m, (_DropoutNd, _NormBase, _SpectralNorm, nn.RReLU)):
-            return m
+        # (the hook sets the module's weight attribute on every call, in eval mode too)
         if any(isinstance(h, _SpectralNormHook) for h in m._forward_pre_hooks.values()):
+            return m
+        if m.training and isinstance(m, (_DropoutNd, _NormBase, nn.RReLU)):
             return m
     return None
 
@@ -176,22 +181,18 @@ def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[T
 
     Each product is :func:`torch.func.vjp` of a second call of ``g`` at ``x`` (a forward and a
     backward of ``g``: a pullback kept from one call cannot be carried into a ``while_loop``'s
-    body), made with fastflow's spectral norms' power-iteration updates off (they use the
-    weights of the first call and change no state) and fastflow's operators on their
+    body), made with fastflow's spectral norms' power-iteration updates off and torch's
+    parametrizations taken from the first call (both use the weights of the first call and
+    change no state), and fastflow's operators on their
     references (``torch.func`` does not run the native operators' C++ autograd kernels). The
-    branch's training-mode call must not depend on the mode otherwise (:func:`mode_dependent`
-    finds torch's modules that do). The products are differentiable by ordinary autograd
-    w.r.t. ``x`` and ``g``'s parameters.
+    branch's call must not depend on its mode otherwise (:func:`unrepeatable_submodule` finds
+    torch's modules that do). The products are differentiable by ordinary autograd w.r.t.
+    ``x`` and ``g``'s parameters.
     """
+    from torch.nn.utils import parametrize
+
     from fastflow import _native
     from fastflow.nn import lipschitz
-
-    out = g(x)
-    if not isinstance(out, Tensor) or out.shape != x.shape:
-        raise ValueError(
-            f"g must return a tensor of its input's shape {tuple(x.shape)}, got "
-            f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
-        )
 
     def one(u: Tensor) -> Tensor:
         again, pullback = torch.func.vjp(g, x)
@@ -203,14 +204,26 @@ def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[T
             return one(u)
         return torch.func.vmap(one)(u.reshape(-1, *x.shape)).reshape(*lead, *x.shape)
 
-    # module globals, set and restored by hand (not flags on the modules, not a generator
-    # context manager): what torch.compile replays correctly around a while_loop
+    # Module globals, set and restored by hand (not flags on the modules, not a generator
+    # context manager): what torch.compile replays correctly around a while_loop. torch's
+    # parametrizations (its spectral norm among them) are computed once, in g's own call, and
+    # the products' calls reuse them (torch.nn.utils.parametrize.cached, by hand).
     backend, updates = _native._backend, lipschitz._power_updates
-    _native._backend, lipschitz._power_updates = "reference", False
+    parametrize._cache_enabled += 1
     try:
+        out = g(x)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ValueError(
+                f"g must return a tensor of its input's shape {tuple(x.shape)}, got "
+                f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}"
+            )
+        _native._backend, lipschitz._power_updates = "reference", False
         yield out, vjp
     finally:
         _native._backend, lipschitz._power_updates = backend, updates
+        parametrize._cache_enabled -= 1
+        if not parametrize._cache_enabled:
+            parametrize._cache = {}
 
 
 def _activation_kind_code(act: nn.Module) -> int:

@@ -105,15 +105,17 @@ mode). Where the number of products follows the draw inside the graph:
   in training and eval mode, for every estimator, and matches eager; its backpropagated
   roulette always runs the capped products (never a ``while_loop`` with autograd: over
   ``torch.func`` products its values came out wrong, even under ``aot_eager``). Its
-  training-mode call must depend on the mode only through fastflow's spectral norms
+  training-mode call may depend on the mode through fastflow's spectral norms
   (:class:`~fastflow.nn.SpectralNormLinear`, :class:`~fastflow.nn.SpectralNormConv2d`),
-  whose updates the products switch off.
+  whose updates the products switch off, and torch's parametrizations
+  (``torch.nn.utils.parametrizations.spectral_norm``), which the products take from the
+  branch's own call; not otherwise.
 
-A branch with a submodule in training mode whose call depends on that mode otherwise (dropout,
-batch norm, torch's own spectral norms:
-:func:`~fastflow.nn._branch_products.mode_dependent`) runs the autograd estimators eagerly
-inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks the
-graph around them, and ``fullgraph=True`` raises an error that names the reason. Their
+A branch with a submodule whose call the products cannot repeat (in training mode dropout or
+batch norm; torch's hook-based ``torch.nn.utils.spectral_norm`` in any mode:
+:func:`~fastflow.nn._branch_products.unrepeatable_submodule`) runs the autograd estimators
+eagerly inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks
+the graph around them, and ``fullgraph=True`` raises an error that names the reason. Their
 ``torch.autograd.grad`` with ``create_graph`` is not traced by dynamo, and AOT-compiled graphs
 do not differentiate twice. :meth:`iResBlock.inverse` (the fixed-point solve) always runs
 eagerly.
@@ -148,7 +150,7 @@ from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_trac
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
 from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize, _vjp as _mlp_vjp
 from fastflow.nn._branch_products import ConvLinearization, _wide_dot, conv_structure, power_sums
-from fastflow.nn._branch_products import func_products, jacobian_from_vjp, mode_dependent
+from fastflow.nn._branch_products import func_products, jacobian_from_vjp, unrepeatable_submodule
 from fastflow import _native
 
 __all__ = [
@@ -687,12 +689,14 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
     # with create_graph), which dynamo does not capture and AOT-compiled graphs do not support
     # (no double backward, donated buffers).
     @torch.compiler.disable(
-        reason="fastflow iResBlock: this branch has a submodule in training mode whose call "
-        "depends on the mode (dropout, batch norm, torch's own spectral norm: "
-        "fastflow.nn._branch_products.mode_dependent), so its log-det runs on the autograd "
-        "estimators (torch.autograd.grad with create_graph), which torch.compile does not "
-        "trace; in eval mode, or with fastflow's SpectralNormLinear/SpectralNormConv2d, the "
-        "block compiles into one graph (fastflow.nn.residual docstring)"
+        reason="fastflow iResBlock: this branch has a submodule whose call cannot be repeated "
+        "for the log-det's products (dropout or batch norm in training mode, torch's "
+        "hook-based torch.nn.utils.spectral_norm: "
+        "fastflow.nn._branch_products.unrepeatable_submodule), so its log-det runs on the "
+        "autograd estimators (torch.autograd.grad with create_graph), which torch.compile does "
+        "not trace; torch.nn.utils.parametrizations.spectral_norm or fastflow's "
+        "SpectralNormLinear/SpectralNormConv2d compile into one graph (fastflow.nn.residual "
+        "docstring)"
     )
     def _transform_autograd(
         self, kind: str, x: Tensor, need: bool, params: tuple[Tensor, ...]
@@ -723,7 +727,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             out = self._transform_conv(kind, x, need)
         if out is not None:
             return out
-        if _compiling() and mode_dependent(self.g) is None:
+        if _compiling() and unrepeatable_submodule(self.g) is None:
             return self._transform_func(kind, x, need)
         return self._transform_autograd(kind, x, need, params)
 
