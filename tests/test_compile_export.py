@@ -574,6 +574,25 @@ def test_user_branch_block_fullgraph_matches_eager(kind, train):
     assert fastflow.get_backend() == "auto" and lipschitz._power_updates
 
 
+@pytest.mark.parametrize("kind, train", [("roulette", True), ("conv_roulette", False)])
+def test_user_branch_without_gradients(kind, train):
+    """Under torch.no_grad (evaluation): one graph, eager's values and state, no graph kept."""
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
+    block = _user_block(kind).train(train)
+    twin = copy.deepcopy(block)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.manual_seed(3)
+        want = block(x)
+        torch.manual_seed(3)
+        got = compiled(x)
+    for g, w in zip(got, want):
+        assert not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for (k, a), b in zip(block.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=k)
+
+
 def _user_flow():
     torch.manual_seed(0)
     model = models.ResidualFlow(2, n_blocks=2, hidden=8, n_hidden=1)

@@ -639,10 +639,9 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         the autograd path on products by ``torch.func``
         (:func:`~fastflow.nn._branch_products.func_products`)."""
         with contextlib.nullcontext() if need else torch.no_grad():
-            convolutions = any(isinstance(m, nn.Conv2d) for m in self.g.modules())
             with func_products(self.g, x) as (gx, vjp):
                 logdet, terms = self._estimate_on_products(
-                    kind, x, gx, vjp, need, convolutions, loop_gradients=False
+                    kind, x, gx, vjp, need, convolutions=False, loop_gradients=False
                 )
         self.last_estimator, self.last_terms = kind, terms
         return x + gx, logdet
