@@ -356,15 +356,18 @@ class _UserMLP(torch.nn.Module):
 
 
 class _UserConv(torch.nn.Module):
-    def __init__(self, c, buffer=False):
+    """A user's convolutional dynamics net; ``buffer``: it reads a buffer (a fixed scale);
+    ``dropout``: with a dropout layer."""
+
+    def __init__(self, c, buffer=False, dropout=False):
         super().__init__()
         self.first = torch.nn.Conv2d(c, 4, 3, padding=1)
         self.second = torch.nn.Conv2d(4, c, 3, padding=1)
-        if buffer:
-            self.register_buffer("scale", torch.ones(()))
+        self.drop = torch.nn.Dropout(0.1) if dropout else torch.nn.Identity()
+        self.register_buffer("scale", torch.full((), 0.8 if buffer else 1.0))
 
     def forward(self, t, z):
-        return self.second(torch.tanh(self.first(z) * (1 + t)))
+        return self.scale * self.second(self.drop(torch.tanh(self.first(z) * (1 + t))))
 
 
 def _user_cnf(net, features, **kwargs):
@@ -375,12 +378,13 @@ def _user_cnf(net, features, **kwargs):
 @pytest.mark.parametrize("kind", ["mlp exact", "conv hutchinson"])
 @pytest.mark.parametrize("method", ["forward", "inverse"])
 def test_user_defined_dynamics_without_gradients(kind, method):
-    """A net of the user's own (no buffers): solves without gradients run in the graph, the
-    divergence by torch.func (vjp under vmap), and equal eager's values and NFE."""
+    """A net of the user's own (the convolutional one reads a buffer; one with dropout in eval
+    mode): solves without gradients run in the graph, the divergence by torch.func (vjp under
+    vmap), and equal eager's values and NFE."""
     if kind == "mlp exact":
         cnf = _user_cnf(_UserMLP(2), 2, eval_estimator="exact")
     else:
-        cnf = _user_cnf(_UserConv(1), (1, 4, 4), eval_estimator="hutchinson")
+        cnf = _user_cnf(_UserConv(1, buffer=True, dropout=True), (1, 4, 4), eval_estimator="hutchinson")
     cnf.eval()
     x = torch.randn(4, *cnf.event_shape, dtype=torch.float64)
     _compiled_matches_eager(cnf, x, method=method, grad=False)
@@ -388,14 +392,14 @@ def test_user_defined_dynamics_without_gradients(kind, method):
 
 @pytest.mark.parametrize("kind", ["mlp exact regularised", "conv hutchinson"])
 def test_user_defined_dynamics_adjoint_training(kind):
-    """adjoint=True training with a net of the user's own (no buffers), where loops may take
+    """adjoint=True training with a net of the user's own (one reads a buffer), where loops may take
     gradients: one graph (both solves loops without autograd, the products by torch.func), and
     eager's values, gradients (the input's and every parameter's) and number of evaluations."""
     if kind == "mlp exact regularised":
         cnf = _user_cnf(_UserMLP(2), 2, adjoint=True, estimator="exact", kinetic=True,
                         jacobian_frobenius=True)
-    else:
-        cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=True)
+    else:  # (a net with a buffer that its call reads)
+        cnf = _user_cnf(_UserConv(1, buffer=True), (1, 4, 4), adjoint=True)
     cnf.train()
     x = torch.randn(3, *cnf.event_shape, dtype=torch.float64)
     with loop_gradient_settings():
@@ -403,15 +407,16 @@ def test_user_defined_dynamics_adjoint_training(kind):
         _compiled_matches_eager(cnf, x, method="forward", grad=True)
 
 
-@pytest.mark.parametrize("net", ["training", "buffers"])
+@pytest.mark.parametrize("net", ["training", "dropout"])
 def test_user_defined_dynamics_that_stay_eager(net):
     """Training with a user's net and adjoint=False (with gradients through loops allowed),
-    and a user's net with buffers, stay on torchdiffeq: fullgraph names the reason."""
+    and a user's net whose call cannot be repeated (dropout in training mode), stay on
+    torchdiffeq: fullgraph names the reason."""
     if net == "training":
         cnf = _user_cnf(_UserConv(1), (1, 4, 4), adjoint=False).train()
         ctx = loop_gradient_settings()
     else:
-        cnf = _user_cnf(_UserConv(1, buffer=True), (1, 4, 4)).eval()
+        cnf = _user_cnf(_UserConv(1, dropout=True), (1, 4, 4)).train()
         ctx = torch.no_grad()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     torch._dynamo.reset()

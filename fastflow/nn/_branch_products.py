@@ -11,7 +11,7 @@ products (``torch.autograd.grad`` with ``create_graph``) are not traced.
 
 A branch of any other kind gets the same products inside a compiled graph from
 :func:`func_products` (``torch.func.vjp`` of a second call of the branch), where the branch
-allows it (:func:`unrepeatable_submodule`).
+allows it (:func:`fastflow.nn._repeat.unrepeatable_submodule`).
 
 :func:`power_sums` runs the power series of the log-det estimators on any such product, with a
 Python number of terms, or, inside a compiled graph, a number of terms that is a tensor (the
@@ -32,10 +32,7 @@ from torch import Tensor, nn
 from fastflow.nn._loops import loop_gradients_in_graph
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS, _act_deriv
 
-__all__ = [
-    "conv_structure", "ConvLinearization", "func_products", "jacobian_from_vjp", "power_sums",
-    "unrepeatable_submodule",
-]
+__all__ = ["conv_structure", "ConvLinearization", "func_products", "jacobian_from_vjp", "power_sums"]
 
 
 def _conv_ok(m: nn.Module) -> bool:
@@ -154,25 +151,6 @@ def jacobian_from_vjp(vjp: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
     return rows.reshape(d, b, d).transpose(0, 1)
 
 
-def unrepeatable_submodule(g: nn.Module) -> nn.Module | None:
-    """A submodule of ``g`` whose call :func:`func_products` cannot repeat without changing
-    state or results (in training mode: dropout, batch statistics; in any mode: torch's
-    hook-based ``torch.nn.utils.spectral_norm``), or None. fastflow's spectral norms and torch's
-    parametrizations (``torch.nn.utils.parametrizations.spectral_norm``) are not such
-    modules."""
-    from torch.nn.modules.batchnorm import _NormBase
-    from torch.nn.modules.dropout import _DropoutNd
-    from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
-
-    for m in g.modules():
-        # (the hook sets the module's weight attribute on every call, in eval mode too)
-        if any(isinstance(h, _SpectralNormHook) for h in m._forward_pre_hooks.values()):
-            return m
-        if m.training and isinstance(m, (_DropoutNd, _NormBase, nn.RReLU)):
-            return m
-    return None
-
-
 @contextlib.contextmanager
 def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[Tensor], Tensor]]]:
     """A branch of any kind linearised at ``x`` by ``torch.func``, for a compiled graph: yields
@@ -185,8 +163,8 @@ def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[T
     parametrizations taken from the first call (both use the weights of the first call and
     change no state), and fastflow's operators on their
     references (``torch.func`` does not run the native operators' C++ autograd kernels). The
-    branch's call must not depend on its mode otherwise (:func:`unrepeatable_submodule` finds
-    torch's modules that do). The products are differentiable by ordinary autograd w.r.t.
+    branch's call must not depend on its mode otherwise
+    (:func:`~fastflow.nn._repeat.unrepeatable_submodule` finds torch's modules that do). The products are differentiable by ordinary autograd w.r.t.
     ``x`` and ``g``'s parameters.
     """
     from torch.nn.utils import parametrize

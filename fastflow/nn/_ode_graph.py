@@ -23,7 +23,8 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   ``(eps^T J) eps``, the exact trace from the ``D`` basis cotangents and the Jacobian-Frobenius
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
-Other nets (a user's own, without buffers) get the same products from :func:`func_dynamics`
+Other nets (a user's own, whose call can be repeated: :mod:`fastflow.nn._repeat`) get the
+same products from :func:`func_dynamics`
 (``torch.func.vjp`` under ``vmap``), for solves without autograd through the loop (no
 gradient, or the adjoint's two solves). The solve is
 differentiable in two ways, as torchdiffeq's: :func:`odeint_graph` by backpropagation through
@@ -233,8 +234,9 @@ def func_dynamics(net: Any, event_shape: Sequence[int]) -> Callable[..., tuple[T
     """:func:`graph_dynamics` for any dynamics net ``net(t, z) -> dz/dt`` on ``z`` of shape
     ``[B, *event_shape]``: the vector-Jacobian products by ``torch.func.vjp`` (traced into the
     graph; ``torch.autograd.grad`` is not), one per cotangent under ``torch.func.vmap``, and
-    ``params`` by ``torch.func.functional_call``. For nets without buffers (a transform must
-    not see state change inside it)."""
+    ``params`` by ``torch.func.functional_call``. For nets whose call can be repeated
+    (:func:`~fastflow.nn._repeat.unrepeatable_submodule`: no state may change inside the
+    transform); buffers are read as they are."""
     shape = tuple(int(d) for d in event_shape)
 
     def run(t: Tensor, z: Tensor, cotangents: Tensor | None,

@@ -71,21 +71,23 @@ control operation for operation (so the compiled solve takes the eager solve's s
 ``last_nfe`` included), and the divergence and the Jacobian-Frobenius regulariser by
 vector-Jacobian products in the graph (no ``torch.autograd.grad``): written by hand through the
 layers for an :class:`ODEnet` or :class:`ODEConvNet` (either layer, either activation), and by
-``torch.func`` for a net of the user's own (without buffers). ``torch.compile(...,
+``torch.func`` for a net of the user's own (whose call can be repeated:
+:func:`~fastflow.nn._repeat.unrepeatable_submodule`). ``torch.compile(...,
 fullgraph=True)`` of ``forward``, ``inverse`` and a model's ``log_prob`` then gives one graph.
 
 Training with an :class:`ODEnet` or :class:`ODEConvNet` (the regularisers included) takes the
 same in-graph solve with gradients, as the eager solve computes them: through the solver's steps
 with ``adjoint=False``; by torchdiffeq's adjoint method with ``adjoint=True`` (the augmented
 system solved back in time with its adjoint norm, so the compiled backward takes the eager
-one's steps). Training with a net of the user's own (without buffers) does too with
+one's steps). Training with a net of the user's own does too with
 ``adjoint=True`` (both solves are loops without autograd, the products by ``torch.func``), not
 with ``adjoint=False`` (torch 2.13's ``while_loop`` with autograd through ``torch.func``
 products took other steps than eager). That needs the settings under which Inductor gets a
 ``while_loop``'s backward right: :func:`fastflow.compile` applies them to the model's graphs
 (:mod:`fastflow.nn._loops`). Without them, solves with gradients outside the native solve run
 eagerly on torchdiffeq inside a compiled model (``torch.compiler.disable``), as do training
-with a net of the user's own and ``adjoint=False``, and nets with buffers: a plain
+with a net of the user's own and ``adjoint=False``, and nets with dropout or batch norm in
+training mode: a plain
 ``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
 names the reason.
 
@@ -126,6 +128,7 @@ from fastflow.nn._ode_graph import (
     odeint_graph,
 )
 from fastflow.nn._loops import loop_gradients_in_graph
+from fastflow.nn._repeat import unrepeatable_submodule
 from fastflow._checks import int_at_least as _int_at_least
 from fastflow._checks import positive_float as _positive_float
 from fastflow._checks import positive_int as _positive_int
@@ -873,17 +876,18 @@ class CNF(Transform):
     def _solves_in_graph(self, grad_on: bool) -> bool:
         """Whether a compiled solve runs as traceable operations (:mod:`fastflow.nn._ode_graph`):
         a solver it replays, and either no gradient through the solve (any dynamics net
-        without buffers) or a gradient where a ``while_loop``'s backward is right
+        whose call can be repeated, :func:`~fastflow.nn._repeat.unrepeatable_submodule`) or a
+        gradient where a ``while_loop``'s backward is right
         (:func:`~fastflow.nn._loops.loop_gradients_in_graph`): for the library's nets through
-        the steps or by the adjoint, for other nets without buffers by the adjoint; otherwise
-        the solve stays on torchdiffeq, eagerly."""
+        the steps or by the adjoint, for other such nets by the adjoint; otherwise the solve
+        stays on torchdiffeq, eagerly."""
         return (
             self.solver in GRAPH_SOLVERS
             and (self.solver not in ADAPTIVE_GRAPH_SOLVERS or has_tableau(self.solver))
             and (not grad_on or loop_gradients_in_graph(convolutions=self._net_has_convolutions()))
             and (
                 self._hand_written_dynamics()
-                or ((not grad_on or self.adjoint) and not any(True for _ in self.net.buffers()))
+                or ((not grad_on or self.adjoint) and unrepeatable_submodule(self.net) is None)
             )
         )
 
@@ -979,7 +983,8 @@ class CNF(Transform):
         "solve is one graph only on the native cnf_dopri5 operator or on the in-graph solver "
         "(any of its solvers; gradients with torch._functorch.config.donated_buffer off, "
         "fastflow.nn._loops, for an ODEnet or ODEConvNet, or by the adjoint for other nets); "
-        "other solves with gradients and nets with buffers run eagerly "
+        "other solves with gradients and nets with dropout or batch norm in training mode "
+        "(fastflow.nn._repeat) run eagerly "
         "(fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,

@@ -113,7 +113,7 @@ mode). Where the number of products follows the draw inside the graph:
 
 A branch with a submodule whose call the products cannot repeat (in training mode dropout or
 batch norm; torch's hook-based ``torch.nn.utils.spectral_norm`` in any mode:
-:func:`~fastflow.nn._branch_products.unrepeatable_submodule`) runs the autograd estimators
+:func:`~fastflow.nn._repeat.unrepeatable_submodule`) runs the autograd estimators
 eagerly inside a compiled model (``torch.compiler.disable``): a plain ``torch.compile`` breaks
 the graph around them, and ``fullgraph=True`` raises an error that names the reason. Their
 ``torch.autograd.grad`` with ``create_graph`` is not traced by dynamo, and AOT-compiled graphs
@@ -150,7 +150,8 @@ from fastflow.ops.mlp_trace import mlp_fixed_point, mlp_jacobian, mlp_power_trac
 from fastflow.ops.mlp_trace import MLP_ACTIVATIONS
 from fastflow.ops.mlp_trace import _jvp as _mlp_jvp, _linearize as _mlp_linearize, _vjp as _mlp_vjp
 from fastflow.nn._branch_products import ConvLinearization, _wide_dot, conv_structure, power_sums
-from fastflow.nn._branch_products import func_products, jacobian_from_vjp, unrepeatable_submodule
+from fastflow.nn._branch_products import func_products, jacobian_from_vjp
+from fastflow.nn._repeat import unrepeatable_submodule
 from fastflow import _native
 
 __all__ = [
@@ -691,7 +692,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         reason="fastflow iResBlock: this branch has a submodule whose call cannot be repeated "
         "for the log-det's products (dropout or batch norm in training mode, torch's "
         "hook-based torch.nn.utils.spectral_norm: "
-        "fastflow.nn._branch_products.unrepeatable_submodule), so its log-det runs on the "
+        "fastflow.nn._repeat.unrepeatable_submodule), so its log-det runs on the "
         "autograd estimators (torch.autograd.grad with create_graph), which torch.compile does "
         "not trace; torch.nn.utils.parametrizations.spectral_norm or fastflow's "
         "SpectralNormLinear/SpectralNormConv2d compile into one graph (fastflow.nn.residual "
