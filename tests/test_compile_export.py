@@ -32,6 +32,10 @@
   also match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics,
   dopri5, Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py, and the
   solves without gradients are one graph on the in-graph solver, tests/test_cnf_compile.py.
+* ``InvertibleBackprop``'s ``log_prob`` (Real NVP, Glow with its split priors, planar layers
+  checkpointed, a context): one graph, the model's values and gradients, and a compiled forward
+  that keeps batch-sized tensors independent of depth; with ``checkpoint_every`` or ``check``
+  it stays on its eager function (a plain compile matches, fullgraph raises).
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """
@@ -278,11 +282,111 @@ def test_blocks_run_eagerly_inside_compiled_models(builder):
         torch.testing.assert_close(b, a, msg=k)
 
 
-def test_invertible_backprop_runs_under_a_plain_compile():
-    """InvertibleBackprop saves the RNG state for its recomputation, which Dynamo does not
-    trace: a plain torch.compile matches eager (values and gradients); fullgraph raises."""
+def _invertible_case(name, depth=2):
     torch.manual_seed(0)
-    wrapped = fnn.InvertibleBackprop(models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1))
+    if name == "glow":  # split priors in log_prob
+        model = _perturb(models.Glow((2, 4, 4), levels=2, depth=1, hidden=4, n_hidden_layers=1))
+        initialize_actnorm(model, torch.randn(8, 2, 4, 4))
+        return model.double(), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    if name == "planar":  # checkpointed layers (their inputs kept)
+        return models.PlanarFlow(4, n_transforms=depth).double(), torch.randn(5, 4, dtype=torch.float64)
+    model = models.RealNVP(4, n_couplings=depth, hidden=8, n_hidden_layers=1)
+    return _perturb(model).double(), torch.randn(5, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow", "planar"])
+def test_invertible_backprop_fullgraph_matches_the_model(name):
+    """InvertibleBackprop's log_prob compiles into one graph (its backward reconstructs each
+    layer's input and differentiates the layer by torch.func) and gives the model's own values
+    and gradients (the input's and every parameter's), float64."""
+    model, x = _invertible_case(name)
+    wrapped = fnn.InvertibleBackprop(model)
+    explanation = torch._dynamo.explain(wrapped.log_prob)(x.clone().requires_grad_())
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, (
+        [str(r.reason) for r in explanation.break_reasons]
+    )
+    params = list(model.parameters())
+    xr = x.clone().requires_grad_()
+    want = model.log_prob(xr)
+    want_grads = torch.autograd.grad(want.sum(), [xr, *params], allow_unused=True)
+    xr = x.clone().requires_grad_()
+    got = torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(xr)
+    got_grads = torch.autograd.grad(got.sum(), [xr, *params], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for k, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert (g is None) == (w is None), k
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"gradient {k}")
+
+
+def _saved_activations(fn, x):
+    """How many tensors the compiled forward keeps for the backward that are not parameters."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts = []
+
+    def forward_compiler(gm, example_inputs):
+        (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+        shapes = [tuple(o.meta["val"].shape) for o in outputs if hasattr(o, "meta") and "val" in o.meta]
+        counts.append(shapes)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend=backend)(x.clone().requires_grad_())
+    torch._dynamo.reset()
+    return sum(1 for shape in counts[0] if shape and shape[0] == x.shape[0])
+
+
+def test_invertible_backprop_fullgraph_context_gradient():
+    """A conditional RealNVP: the context's gradient (summed over the layers) is the model's."""
+    torch.manual_seed(0)
+    model = _perturb(models.RealNVP(3, n_couplings=2, hidden=8, context_features=2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    c = torch.randn(5, 2, dtype=torch.float64)
+    grads = []
+    for fn in (model.log_prob,
+               torch.compile(fnn.InvertibleBackprop(model).log_prob, fullgraph=True, backend="aot_eager")):
+        cr = c.clone().requires_grad_()
+        out = fn(x, context=cr)
+        grads.append((out.detach(), *torch.autograd.grad(out.sum(), [cr, *model.parameters()])))
+    for g, w in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_invertible_backprop_compiled_keeps_no_activations_per_layer():
+    """The compiled graph keeps batch-sized tensors independent of depth for the backward
+    (the chain's output and input), where the model's own compiled graph keeps more with each
+    layer: the memory that invertible backpropagation saves, kept under torch.compile."""
+    kept = {}
+    for depth in (2, 4):
+        model, x = _invertible_case("realnvp", depth)
+        kept[("wrapped", depth)] = _saved_activations(fnn.InvertibleBackprop(model).log_prob, x)
+        kept[("model", depth)] = _saved_activations(model.log_prob, x)
+    assert kept[("wrapped", 2)] == kept[("wrapped", 4)] <= 3, kept
+    assert kept[("model", 4)] > kept[("model", 2)] > kept[("wrapped", 2)], kept
+
+
+def test_invertible_backprop_inductor_matches_the_model():
+    model, x = _invertible_case("realnvp")
+    params = list(model.parameters())
+    want_grads = torch.autograd.grad(model.log_prob(x).sum(), params)
+    got = torch.compile(fnn.InvertibleBackprop(model).log_prob, fullgraph=True)(x)
+    got_grads = torch.autograd.grad(got.sum(), params)
+    torch.testing.assert_close(got, model.log_prob(x), rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(checkpoint_every=1), dict(check=True)])
+def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(kwargs):
+    """With anchors (checkpoint_every) or check mode, InvertibleBackprop keeps its eager
+    function, which saves the RNG state for its recomputation (Dynamo does not trace that): a
+    plain torch.compile matches eager (values and gradients); fullgraph raises."""
+    torch.manual_seed(0)
+    wrapped = fnn.InvertibleBackprop(models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1),
+                                     **kwargs)
     x = torch.randn(5, 4)
     params = list(wrapped.parameters())
     want = wrapped.log_prob(x)

@@ -76,6 +76,25 @@ state of a layer that draws random numbers in forward (dropout, stochastic estim
 replayed, so the recomputation draws the same numbers (``preserve_rng_state``, as in
 ``torch.utils.checkpoint``). Double backward (``create_graph=True``) is not supported.
 
+``torch.compile``. Inside a compiled graph, ``forward`` and ``log_prob`` run the chain as a
+second autograd function that Dynamo traces into one graph (``fullgraph=True`` works), forward
+and backward. Its backward reconstructs each layer's input with the inverse, as above. It then
+takes the layer's gradients by :func:`torch.func.vjp` of its recomputation, on fastflow's
+reference operators. The compiled forward keeps batch-sized tensors for the backward whatever
+the depth: the memory saving holds in the graph (tests/test_compile_export.py counts them).
+That path has no state replay and no host reads, so it applies when:
+
+* every checkpointed layer is deterministic and stateless (planar, radial, Sylvester, MADE,
+  batch norm in eval mode; not residual blocks or CNFs, which draw random numbers);
+* no layer holds a submodule whose call changes state
+  (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
+* neither ``checkpoint_every`` nor ``check`` is set.
+
+Otherwise the eager function runs inside the compiled model, and Dynamo breaks the graph at
+its random-number state. A plain ``torch.compile`` matches eager; ``fullgraph=True`` raises.
+Inside the graph the parameters' gradients are returned to autograd, not added to ``.grad``
+one layer at a time.
+
 References:
     Gomez, Ren, Urtasun, Grosse. "The Reversible Residual Network: Backpropagation Without
     Storing Activations" (2017), https://arxiv.org/abs/1707.04585.
@@ -330,19 +349,24 @@ class _Run:
         self.check_tol = owner.check_tol
         self.preserve_rng = owner.preserve_rng_state
         self.first_layer = owner._first_layer
+        # a compiled graph's chain: id(layer or prior) -> [(parameter name, position)]
+        self.param_positions: dict[int, list[tuple[str, int]]] = {}
 
 
 def _layer_params(module: nn.Module) -> list[Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_Record] | None
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """The chain without a graph; fills ``records`` (one per op) when given."""
+def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_Record] | None,
+                   keep: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The chain without a graph; fills ``records`` (one per op) when given; ``keep(i, h)`` is
+    called with each layer's input when given."""
     h, logdet, log_prob = x, None, None
     stack: list[Tensor] = []
     for i, op in enumerate(run.ops):
         rec = _Record()
+        if op.kind in ("inverse", "checkpoint") and keep is not None:
+            keep(i, h)
         if op.kind in ("inverse", "checkpoint"):
             if records is not None and (op.kind == "checkpoint" or i in run.anchors or run.check):
                 rec.input = h
@@ -609,6 +633,175 @@ class _ChainFunction(torch.autograd.Function):
         return (None, g_x, g_context if need_ctx else None, *g_params)
 
 
+# --------------------------------------------------------------------------------------------
+# Inside a compiled graph
+
+
+def _graph_chain_ok(run: _Run) -> bool:
+    """Whether a compiled graph may run the chain as :class:`_GraphChainFunction`: no check
+    mode (it reads the errors on the host), no ``checkpoint_every``, and every layer
+    repeatable without state: the
+    recomputation replays no random numbers and restores no buffers there, so a checkpointed
+    layer must be deterministic and stateless (planar, radial, Sylvester, MADE, batch norm in
+    eval mode), and no layer may hold a submodule whose call changes state
+    (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
+    from fastflow.nn._repeat import unrepeatable_submodule
+    from fastflow.nn.autoregressive import BatchNormFlow, MaskedAutoregressive
+    from fastflow.nn.det_identity import Planar, Radial, Sylvester
+
+    if run.check or run.anchors:
+        # (anchors: Dynamo 2.13 failed with an internal error on a Glow whose last step's input
+        # was kept, "Argument 'value' of Node 'output' does not belong to this Graph")
+        return False
+    for op in run.ops:
+        for m in (op.module, op.prior):
+            if m is not None and unrepeatable_submodule(m) is not None:
+                return False
+        if op.kind == "checkpoint":
+            if not isinstance(op.module, (Planar, Radial, Sylvester, MaskedAutoregressive, BatchNormFlow)):
+                return False
+            if isinstance(op.module, BatchNormFlow) and op.module.training:
+                return False
+    return True
+
+
+def _func_vjp(call: Any, primals: tuple[Tensor | None, ...], params: list[tuple[str, int]],
+              all_params: tuple[Tensor, ...], cotangents: Any
+              ) -> tuple[list[Tensor | None], list[Tensor]]:
+    """``call(named parameters, *primals)`` recomputed under :func:`torch.func.vjp`, the
+    parameters ``params`` (names and positions in ``all_params``) as inputs: the gradients of
+    the primals (None for a None primal) and of those parameters."""
+    from fastflow import _native
+
+    given = [i for i, t in enumerate(primals) if t is not None]
+    names = [n for n, _ in params]
+
+    def f(ins: tuple[Tensor, ...], ps: tuple[Tensor, ...]) -> Any:
+        args = list(primals)
+        for i, t in zip(given, ins):
+            args[i] = t
+        return call(dict(zip(names, ps)), *args)
+
+    # torch.func does not run the native operators' C++ or old-style autograd kernels: the
+    # references (a module global, set and restored by hand, as in a compiled graph)
+    backend = _native._backend
+    _native._backend = "reference"
+    try:
+        _, pull = torch.func.vjp(f, tuple(primals[i] for i in given),
+                                 tuple(all_params[j] for _, j in params))
+        g_in, g_ps = pull(cotangents)
+    finally:
+        _native._backend = backend
+    out: list[Tensor | None] = [None] * len(primals)
+    for i, g in zip(given, g_in):
+        out[i] = g
+    return out, list(g_ps)
+
+
+class _GraphChainFunction(torch.autograd.Function):
+    """The chain with invertible backpropagation in operations ``torch.compile`` traces into
+    one graph (forward and backward): the forward keeps the chain's output (and the inputs of
+    checkpointed layers); the backward reconstructs each layer's input with its
+    inverse and takes the layer's gradients by :func:`torch.func.vjp` of its recomputation on
+    fastflow's reference operators. No check mode, no state replay (:func:`_graph_chain_ok`);
+    the parameters' gradients are returned (autograd accumulates them)."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, x: Tensor, context: Tensor | None, *params: Tensor):
+        h, logdet, log_prob, stored = _chain_forward_graph(run, x, context)
+        ctx.run = run
+        ctx.has_context = context is not None
+        ctx.stored_at = [i for i, _ in stored]
+        ctx.save_for_backward(h, *([context] if context is not None else []),
+                              *[t for _, t in stored], *params)
+        return h, logdet, log_prob
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out: Tensor, g_logdet: Tensor, g_logprob: Tensor):
+        run: _Run = ctx.run
+        saved = ctx.saved_tensors
+        h = saved[0]
+        k = 1
+        context = None
+        if ctx.has_context:
+            context, k = saved[1], 2
+        stored = dict(zip(ctx.stored_at, saved[k:k + len(ctx.stored_at)]))
+        params = saved[k + len(ctx.stored_at):]
+        positions = run.param_positions
+        g_params: list[Tensor | None] = [None] * len(params)
+        g_context = None
+        gh = g_out
+        stack: list[tuple[Tensor, Tensor]] = []
+
+        def add(named: list[tuple[str, int]], grads: list[Tensor]) -> None:
+            for (_, j), g in zip(named, grads):
+                g_params[j] = g if g_params[j] is None else g_params[j] + g
+
+        for i in reversed(range(len(run.ops))):
+            op = run.ops[i]
+            if op.kind in ("inverse", "checkpoint"):
+                module = op.module
+                x_in = stored.get(i)
+                if x_in is None:
+                    with torch.no_grad():
+                        x_in, _ = module.inverse(h, context=context)
+                named = positions[id(module)]
+
+                def call(ps: dict[str, Tensor], xi: Tensor, c: Tensor | None,
+                         module: nn.Module = module) -> Any:
+                    with _reparametrize_module(module, ps):
+                        return module(xi, context=c)
+
+                (gx, gc), gps = _func_vjp(call, (x_in, context), named, params, (gh, g_logdet))
+                add(named, gps)
+                if gc is not None:
+                    g_context = gc if g_context is None else g_context + gc
+                h, gh = x_in, gx
+            elif op.kind == "unshuffle":
+                h, gh = F.pixel_shuffle(h, 2), F.pixel_shuffle(gh, 2)
+            elif op.kind == "merge":
+                ms = op.multiscale
+                z_top, z2s = ms.split_latent(h)
+                g_top, g2s = ms.split_latent(gh)
+                stack.extend(zip(z2s, g2s))
+                h, gh = z_top, g_top
+            elif op.kind == "split":
+                z2, g2 = stack.pop()
+                if run.with_priors:
+                    prior = op.prior
+                    named = positions[id(prior)]
+
+                    def call(ps: dict[str, Tensor], a: Tensor, b: Tensor,
+                             prior: nn.Module = prior) -> Tensor:
+                        with _reparametrize_module(prior, ps):
+                            return prior.log_prob(b, a)
+
+                    (g1p, g2p), gps = _func_vjp(call, (h, z2), named, params, g_logprob)
+                    add(named, gps)
+                    gh = gh + g1p
+                    g2 = g2 + g2p
+                h = torch.cat([h, z2], dim=1)
+                gh = torch.cat([gh, g2], dim=1)
+        need_ctx = ctx.has_context and ctx.needs_input_grad[2]
+        return (None, gh if ctx.needs_input_grad[1] else None,
+                g_context if need_ctx else None, *g_params)
+
+
+def _chain_forward_graph(run: _Run, x: Tensor, context: Tensor | None
+                         ) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, Tensor]]]:
+    """:func:`_chain_forward` without a graph, keeping the inputs of the checkpointed layers:
+    ``(h, logdet, log_prob, [(op index, input), ...])``."""
+    stored: list[tuple[int, Tensor]] = []
+
+    def keep(i: int, h: Tensor) -> None:
+        if run.ops[i].kind == "checkpoint":
+            stored.append((i, h))
+
+    h, logdet, log_prob = _chain_forward(run, x, context, None, keep)
+    return h, logdet, log_prob, stored
+
+
 def _local_backward(ctx) -> _Local:
     """Where the parameters' gradients go (:class:`_Local`)."""
     # one entry of next_functions per tensor input: x, the context when given, the parameters
@@ -800,6 +993,13 @@ class InvertibleBackprop(nn.Module):
         if not grad_needed:
             with torch.no_grad():
                 return _chain_forward(run, x, context, None)
+        if torch.compiler.is_compiling() and _graph_chain_ok(run):
+            index = {id(p): j for j, p in enumerate(params)}
+            run.param_positions = {
+                id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]
+                for op in self._ops for m in (op.module, op.prior) if m is not None
+            }
+            return _GraphChainFunction.apply(run, x, context, *params)
         return _ChainFunction.apply(run, x, context, *params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
