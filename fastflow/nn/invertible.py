@@ -90,8 +90,9 @@ That path has no state replay and no host reads, so it applies when:
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * neither ``checkpoint_every`` nor ``check`` is set.
 
-Otherwise the eager function runs inside the compiled model, and Dynamo breaks the graph at
-its random-number state. A plain ``torch.compile`` matches eager; ``fullgraph=True`` raises.
+Otherwise the eager function runs inside the compiled model, and Dynamo breaks the graph
+there (at the random-number state it saves, or at its buffer checks). A plain
+``torch.compile`` matches eager; ``fullgraph=True`` raises.
 Inside the graph the parameters' gradients are returned to autograd, not added to ``.grad``
 one layer at a time.
 
@@ -640,11 +641,10 @@ class _ChainFunction(torch.autograd.Function):
 def _graph_chain_ok(run: _Run) -> bool:
     """Whether a compiled graph may run the chain as :class:`_GraphChainFunction`: no check
     mode (it reads the errors on the host), no ``checkpoint_every``, and every layer
-    repeatable without state: the
-    recomputation replays no random numbers and restores no buffers there, so a checkpointed
-    layer must be deterministic and stateless (planar, radial, Sylvester, MADE, batch norm in
-    eval mode), and no layer may hold a submodule whose call changes state
-    (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
+    repeatable without state. The recomputation there replays no random numbers and restores
+    no buffers, so a checkpointed layer must be deterministic and stateless (planar, radial,
+    Sylvester, MADE, batch norm in eval mode), and no layer may hold a submodule whose call
+    changes state (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
     from fastflow.nn.autoregressive import BatchNormFlow, MaskedAutoregressive
     from fastflow.nn.det_identity import Planar, Radial, Sylvester
