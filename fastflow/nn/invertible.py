@@ -522,6 +522,19 @@ def _fast_coupling(module: nn.Module) -> bool:
 _FUSE_COUPLINGS = True
 
 
+def _undo_reshape(op: _Op, h: Tensor, gh: Tensor, stack: list[tuple[Tensor, Tensor]]
+                  ) -> tuple[Tensor, Tensor]:
+    """The backward of an unshuffle or a merge: the value and its gradient before the op (a
+    merge pushes its ``z2`` pieces and their gradients on ``stack``, for the splits)."""
+    if op.kind == "unshuffle":
+        return F.pixel_shuffle(h, 2), F.pixel_shuffle(gh, 2)
+    ms = op.multiscale
+    z_top, z2s = ms.split_latent(h)
+    g_top, g2s = ms.split_latent(gh)
+    stack.extend(zip(z2s, g2s))
+    return z_top, g_top
+
+
 class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, x: Tensor, context: Tensor | None, *params: Tensor):
@@ -605,14 +618,8 @@ class _ChainFunction(torch.autograd.Function):
                 if gc is not None:
                     g_context = gc if g_context is None else g_context + gc
                 h, gh = x_in.detach(), gx
-            elif op.kind == "unshuffle":
-                h, gh = F.pixel_shuffle(h, 2), F.pixel_shuffle(gh, 2)
-            elif op.kind == "merge":
-                ms = op.multiscale
-                z_top, z2s = ms.split_latent(h)
-                g_top, g2s = ms.split_latent(gh)
-                stack.extend(zip(z2s, g2s))
-                h, gh = z_top, g_top
+            elif op.kind in ("unshuffle", "merge"):
+                h, gh = _undo_reshape(op, h, gh, stack)
             elif op.kind == "split":
                 z2, g2 = stack.pop()
                 if run.with_priors:
@@ -758,14 +765,8 @@ class _GraphChainFunction(torch.autograd.Function):
                 if gc is not None:
                     g_context = gc if g_context is None else g_context + gc
                 h, gh = x_in, gx
-            elif op.kind == "unshuffle":
-                h, gh = F.pixel_shuffle(h, 2), F.pixel_shuffle(gh, 2)
-            elif op.kind == "merge":
-                ms = op.multiscale
-                z_top, z2s = ms.split_latent(h)
-                g_top, g2s = ms.split_latent(gh)
-                stack.extend(zip(z2s, g2s))
-                h, gh = z_top, g_top
+            elif op.kind in ("unshuffle", "merge"):
+                h, gh = _undo_reshape(op, h, gh, stack)
             elif op.kind == "split":
                 z2, g2 = stack.pop()
                 if run.with_priors:
