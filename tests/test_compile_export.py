@@ -893,6 +893,67 @@ def test_inductor_while_loop_backward_is_still_wrong():
     assert _while_loop_weight_gradient_error() < 1e-5
 
 
+def _func_loop_errors():
+    """The backpropagated roulette's power sums on a user branch's torch.func products
+    (fastflow.nn._branch_products.func_products), compiled (aot_eager, donated buffers off):
+    through a while_loop with autograd, and through the capped products fastflow runs
+    (``loop_gradients=False``). Returns the largest differences of the value and of the
+    weight gradient, each against eager's Python loop of the same products."""
+    from fastflow.nn._branch_products import func_products, power_sums
+    from fastflow.ops.logdet_estimators import roulette_coefficients
+
+    torch.manual_seed(0)
+    g = _Opaque(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh())).double()
+    with torch.no_grad():
+        g.g[0].weight.mul_(0.5)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    probes = torch.randn(1, 4, 3, dtype=torch.float64)
+    n = torch.tensor(3)
+    value, _ = roulette_coefficients(n, 0, 0.5)
+
+    def f(x, loops):
+        with func_products(g, x) as (_, vjp):
+            return power_sums(vjp, probes, value, n, loop_gradients=loops)[0]
+
+    def run(fn):
+        out = fn(x)
+        return out.detach(), torch.autograd.grad(out.sum(), [g.g[0].weight])[0]
+
+    want = run(lambda x: _eager_sums(g, x, probes, value, 3))
+    errors = {}
+    with loop_gradient_settings():
+        for loops in (True, False):
+            torch._dynamo.reset()
+            got = run(torch.compile(lambda x, loops=loops: f(x, loops), fullgraph=True,
+                                    backend="aot_eager"))
+            errors[loops] = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    torch._dynamo.reset()
+    return errors
+
+
+def _eager_sums(g, x, probes, value, n):
+    """Eager: the same power sums by autograd's products, in a Python loop."""
+    xr = x.clone().requires_grad_()
+    gx = g(xr)
+    u, total = probes[0], None
+    for k in range(n):
+        (u,) = torch.autograd.grad(gx, xr, u, create_graph=True)
+        term = (u * probes[0]).sum(1) * value[k]
+        total = term if total is None else total + term
+    return total
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="torch 2.13: a while_loop with autograd over torch.func products gives "
+                   "wrong values and gradients (the capped products are right); when this "
+                   "passes, a user branch's backpropagated roulette and CNF adjoint=False "
+                   "training with a user's net may loop in the graph")
+def test_while_loop_gradients_over_torch_func_are_still_wrong():
+    errors = _func_loop_errors()
+    assert errors[False] < 1e-10, errors  # the path fastflow takes
+    assert errors[True] < 1e-10, errors
+
+
 def test_inductor_while_loop_backward_is_right_without_donated_buffers():
     """The setting fastflow.nn._loops checks: with donated buffers off, the same case is right."""
     with torch._functorch.config.patch(donated_buffer=False):
