@@ -392,9 +392,10 @@ def test_user_defined_dynamics_without_gradients(kind, method):
 
 @pytest.mark.parametrize("kind", ["mlp exact regularised", "conv hutchinson"])
 def test_user_defined_dynamics_adjoint_training(kind):
-    """adjoint=True training with a net of the user's own (one reads a buffer), where loops may take
-    gradients: one graph (both solves loops without autograd, the products by torch.func), and
-    eager's values, gradients (the input's and every parameter's) and number of evaluations."""
+    """adjoint=True training with a net of the user's own (one reads a buffer), where loops
+    may take gradients: one graph (both solves loops without autograd, the products by
+    torch.func), and eager's values, gradients (the input's and every parameter's) and number
+    of evaluations."""
     if kind == "mlp exact regularised":
         cnf = _user_cnf(_UserMLP(2), 2, adjoint=True, estimator="exact", kinetic=True,
                         jacobian_frobenius=True)
