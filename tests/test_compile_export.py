@@ -581,6 +581,30 @@ def _graph_has_while_loop(block, x):
     return any("while_loop" in gm.code for gm in graphs)
 
 
+def _assert_same_logdet_and_gradients(x, runs, allow_unused=False):
+    """``runs``: ``(module, fn)`` pairs, eager's first, each called on ``x`` with the seed 3
+    and, under Inductor, eager's random numbers (``fallback_random``): every run's log-det and
+    gradients of ``sum(y**2) + 3 sum(logdet)`` w.r.t. the input and the module's parameters
+    are eager's (``allow_unused``: a parameter may get none, in every run alike)."""
+    out = []
+    with torch._inductor.config.patch(fallback_random=True):
+        for module, fn in runs:
+            torch.manual_seed(3)
+            xr = x.clone().requires_grad_()
+            y, logdet = fn(xr)
+            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(),
+                                        [xr, *module.parameters()], allow_unused=allow_unused)
+            out.append((logdet.detach(), grads))
+    torch._dynamo.reset()
+    (want, want_grads), *others = out
+    for got, got_grads in others:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(want_grads, got_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind, loop_gradients", [
     ("roulette_backprop", False),
     ("conv_roulette", False),
@@ -591,27 +615,16 @@ def test_residual_inductor_gradients_match_eager(kind, loop_gradients):
     """Under the default Inductor backend (with eager's random numbers): the masked roulette
     with the backpropagated gradient, and the Neumann surrogate whose series runs in a
     while_loop without autograd, give eager's values and gradients. With donated buffers (and
-    the layout optimisation) off (fastflow.nn._loops), the backpropagated roulette runs a while_loop with its gradient
-    through it (the graph holds one; with the default setting it does not), and its gradients
-    are eager's too."""
+    the layout optimisation) off (fastflow.nn._loops), the backpropagated roulette runs a
+    while_loop with its gradient through it (the graph holds one; with the default setting it
+    does not), and its gradients are eager's too."""
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64) if kind.startswith("conv_") else torch.randn(5, 3)
     block = _block(kind).eval()  # eval: no power-iteration update (the same weights twice)
     with loop_gradient_settings() if loop_gradients else contextlib.nullcontext():
         if kind.endswith("backprop"):
             assert _graph_has_while_loop(block, x) == loop_gradients
-        out = []
-        for fn in (block, torch.compile(block, fullgraph=True)):
-            with torch._inductor.config.patch(fallback_random=True):
-                torch.manual_seed(3)
-                xr = x.clone().requires_grad_()
-                y, logdet = fn(xr)
-                grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(),
-                                            [xr, *block.parameters()])
-            out.append((logdet.detach(), grads))
-    torch._dynamo.reset()
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        _assert_same_logdet_and_gradients(x, [(block, block),
+                                              (block, torch.compile(block, fullgraph=True))])
 
 
 def test_fastflow_compile_takes_loop_gradients_for_that_model_only():
@@ -621,18 +634,8 @@ def test_fastflow_compile_takes_loop_gradients_for_that_model_only():
     settings are unchanged after."""
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     block = _block("conv_roulette_backprop").eval()
-    out = []
-    with torch._inductor.config.patch(fallback_random=True):
-        for fn in (block, fastflow.compile(block, fullgraph=True)):
-            torch.manual_seed(3)
-            xr = x.clone().requires_grad_()
-            y, logdet = fn(xr)
-            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(), [xr, *block.parameters()])
-            out.append((logdet.detach(), grads))
-    torch._dynamo.reset()
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    _assert_same_logdet_and_gradients(x, [(block, block),
+                                          (block, fastflow.compile(block, fullgraph=True))])
     assert torch._functorch.config.donated_buffer and torch._inductor.config.layout_optimization
     assert not loop_gradients_in_graph()
     with loop_gradient_settings():
@@ -738,20 +741,9 @@ def test_user_branch_inductor_matches_eager():
     x = torch.randn(5, 3)
     block = _user_block("roulette").train()
     twin = copy.deepcopy(block)
-    out = []
-    with torch._inductor.config.patch(fallback_random=True):
-        for model, fn in ((block, block), (twin, torch.compile(twin, fullgraph=True))):
-            torch.manual_seed(3)
-            xr = x.clone().requires_grad_()
-            y, logdet = fn(xr)
-            grads = torch.autograd.grad(y.square().sum() + 3 * logdet.sum(), [xr, *model.parameters()],
-                                        allow_unused=True)
-            out.append((logdet.detach(), grads))
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(out[0][1], out[1][1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    _assert_same_logdet_and_gradients(
+        x, [(block, block), (twin, torch.compile(twin, fullgraph=True))], allow_unused=True
+    )
 
 
 def test_residual_flow_image_under_autocast_compiles():

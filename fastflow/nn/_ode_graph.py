@@ -24,9 +24,8 @@ divergence with ``torch.autograd.grad``; Dynamo traces neither. Here
   regulariser ``|eps^T J|^2`` are the quantities the eager dynamics compute, in plain operations.
 
 Other nets (a user's own, whose call can be repeated: :mod:`fastflow.nn._repeat`) get the
-same products from :func:`func_dynamics`
-(``torch.func.vjp`` under ``vmap``), for solves without autograd through the loop (no
-gradient, or the adjoint's two solves). The solve is
+same products from :func:`func_dynamics` (``torch.func.vjp`` under ``vmap``), for solves
+without autograd through the loop (no gradient, or the adjoint's two solves). The solve is
 differentiable in two ways, as torchdiffeq's: :func:`odeint_graph` by backpropagation through
 its steps (``adjoint=False``: the gradient of the same discrete solve, the first step size's
 dependence on the input and the parameters included; the step-size update outside autograd,
@@ -405,8 +404,8 @@ def odeint_adjoint_graph(
     differentiates the dynamics w.r.t. them, and ``func(s, state, None)`` is the same dynamics
     on the modules' own tensors (the forward solve: a ``torch.func.functional_call`` there,
     inside the autograd function's loop, does not trace). Only ``params`` that require grad
-    are given to it (torchdiffeq drops the others from the adjoint). Returns ``(state at the end, nfe)``,
-    ``nfe`` the forward solve's."""
+    are given to it (torchdiffeq drops the others from the adjoint). Returns ``(state at the
+    end, nfe)``, ``nfe`` the forward solve's."""
     out = _AdjointSolve.apply(func, (reverse, method, rtol, atol, step_size), len(y0), *y0, *params)
     return tuple(out[:-1]), out[-1]
 

@@ -87,9 +87,8 @@ products took other steps than eager). That needs the settings under which Induc
 (:mod:`fastflow.nn._loops`). Without them, solves with gradients outside the native solve run
 eagerly on torchdiffeq inside a compiled model (``torch.compiler.disable``), as do training
 with a net of the user's own and ``adjoint=False``, and nets with dropout or batch norm in
-training mode: a plain
-``torch.compile`` breaks the graph around them, and ``fullgraph=True`` raises an error that
-names the reason.
+training mode: a plain ``torch.compile`` breaks the graph around them, and ``fullgraph=True``
+raises an error that names the reason.
 
 References:
     Chen, Rubanova, Bettencourt, Duvenaud. "Neural Ordinary Differential Equations" (2018),
@@ -984,8 +983,7 @@ class CNF(Transform):
         "(any of its solvers; gradients with torch._functorch.config.donated_buffer off, "
         "fastflow.nn._loops, for an ODEnet or ODEConvNet, or by the adjoint for other nets); "
         "other solves with gradients and nets with dropout or batch norm in training mode "
-        "(fastflow.nn._repeat) run eagerly "
-        "(fastflow.nn.continuous docstring)"
+        "(fastflow.nn._repeat) run eagerly (fastflow.nn.continuous docstring)"
     )
     def _solve_torchdiffeq(self, x: Tensor, reverse: bool, estimator: str, regularize: bool,
                            grad_on: bool, inference: bool) -> tuple[Tensor, Tensor]:
