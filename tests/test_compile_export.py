@@ -606,15 +606,19 @@ def _assert_same_logdet_and_gradients(x, runs, allow_unused=False):
 
 
 @pytest.mark.parametrize("kind, loop_gradients", [
+    ("exact", False),
+    ("conv_exact", False),
     ("roulette_backprop", False),
     ("conv_roulette", False),
     ("roulette_backprop", True),
     ("conv_roulette_backprop", True),
 ])
 def test_residual_inductor_gradients_match_eager(kind, loop_gradients):
-    """Under the default Inductor backend (with eager's random numbers): the masked roulette
-    with the backpropagated gradient, and the Neumann surrogate whose series runs in a
-    while_loop without autograd, give eager's values and gradients. With donated buffers (and
+    """Under the default Inductor backend (with eager's random numbers): the exact log-det
+    (Inductor differentiates slogdet of the MLP Jacobian's column-major layout wrongly; the
+    graph writes the gradient out), the masked roulette with the backpropagated gradient, and
+    the Neumann surrogate whose series runs in a while_loop without autograd, give eager's
+    values and gradients. With donated buffers (and
     the layout optimisation) off (fastflow.nn._loops), the backpropagated roulette runs a
     while_loop with its gradient through it (the graph holds one; with the default setting it
     does not), and its gradients are eager's too."""

@@ -214,7 +214,16 @@ def logdet_identity_plus(J: Tensor) -> Tensor:
     (differentiable)."""
     J = J.to(_wide(J.dtype))
     eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
-    return torch.linalg.slogdet(eye + J).logabsdet
+    A = eye + J
+    if not (torch.compiler.is_compiling() and A.requires_grad):
+        return torch.linalg.slogdet(A).logabsdet
+    # In a compiled graph, the gradient is written out: d log|det A| / dA = A^{-T}. Inductor
+    # (torch 2.13) differentiates slogdet and det wrongly when A is laid out column-major per
+    # matrix, as the Jacobian of mlp_jacobian is (values right, gradients off by O(1)).
+    # The term ((A - A.detach()) * A^{-T}) is zero in value and carries that gradient.
+    constant = A.detach()
+    grad = torch.linalg.inv(constant).mT
+    return torch.linalg.slogdet(constant).logabsdet + ((A - constant) * grad).sum((-2, -1))
 
 
 # --------------------------------------------------------------------------------------------
