@@ -32,10 +32,12 @@
   also match eager under a plain ``torch.compile``; its native solve (concat-squash dynamics,
   dopri5, Hutchinson or exact trace) is one graph, tested in tests/test_cnf_dopri5.py, and the
   solves without gradients are one graph on the in-graph solver, tests/test_cnf_compile.py.
-* ``InvertibleBackprop``'s ``log_prob`` (Real NVP, Glow with its split priors, planar layers
-  checkpointed, a context): one graph, the model's values and gradients, and a compiled forward
-  that keeps batch-sized tensors independent of depth; with ``checkpoint_every`` or ``check``
-  it stays on its eager function (a plain compile matches, fullgraph raises).
+* ``InvertibleBackprop``'s ``log_prob`` (Real NVP, Glow with its split priors, checkpointed
+  planar, IAF, MAF with batch norms in training mode and residual blocks with the exact
+  log-det, anchors, a context): one graph, the model's values, gradients and buffers, and a
+  compiled forward that keeps batch-sized tensors independent of depth; with ``check`` or a
+  layer that draws random numbers it stays on its eager function (a plain compile matches,
+  fullgraph raises).
 * ``torch.export`` of ``log_prob`` for RealNVP, Glow, MAF, planar and Sylvester flows: the
   exported program's output equals eager's.
 """
@@ -290,33 +292,79 @@ def _invertible_case(name, depth=2):
         return model.double(), torch.randn(3, 2, 4, 4, dtype=torch.float64)
     if name == "planar":  # checkpointed layers (their inputs kept)
         return models.PlanarFlow(4, n_transforms=depth).double(), torch.randn(5, 4, dtype=torch.float64)
+    if name == "maf_batch_norm":  # checkpointed, and batch norms that update running averages
+        model = models.MAF(4, n_transforms=depth, hidden=8, batch_norm=True)
+        return _perturb(model).double().train(), torch.randn(5, 4, dtype=torch.float64)
+    if name == "iaf":
+        return _perturb(models.IAF(4, n_transforms=depth, hidden=8)).double(), torch.randn(5, 4, dtype=torch.float64)
+    if name == "residual_exact":  # checkpointed, spectral norms updated once per step
+        model = models.ResidualFlow(3, n_blocks=depth, hidden=8, n_hidden=1, estimator="exact",
+                                    n_power_iter=1).double()
+        initialize_actnorm(model, torch.randn(16, 3, dtype=torch.float64))
+        return model.train(), torch.randn(5, 3, dtype=torch.float64)
     model = models.RealNVP(4, n_couplings=depth, hidden=8, n_hidden_layers=1)
     return _perturb(model).double(), torch.randn(5, 4, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["realnvp", "glow", "planar"])
-def test_invertible_backprop_fullgraph_matches_the_model(name):
+def _float_buffers(model):
+    params = dict(model.named_parameters())
+    return {k: v for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in params}
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("realnvp", {}), ("glow", {}), ("planar", {}), ("iaf", {}), ("maf_batch_norm", {}),
+    ("residual_exact", {}),
+    ("glow", dict(checkpoint_every=1)), ("realnvp", dict(checkpoint_every="level")),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={w}" for k, w in v.items()) or "default")
+def test_invertible_backprop_fullgraph_matches_the_model(name, kwargs):
     """InvertibleBackprop's log_prob compiles into one graph (its backward reconstructs each
     layer's input and differentiates the layer by torch.func) and gives the model's own values
-    and gradients (the input's and every parameter's), float64."""
+    and gradients (the input's and every parameter's), float64, and the model's buffers after
+    the step: batch norms' running averages and spectral norms' u, v updated once (the
+    recomputation runs on copies, without updates). With anchors (checkpoint_every) too."""
     model, x = _invertible_case(name)
-    wrapped = fnn.InvertibleBackprop(model)
-    explanation = torch._dynamo.explain(wrapped.log_prob)(x.clone().requires_grad_())
+    explanation = torch._dynamo.explain(fnn.InvertibleBackprop(copy.deepcopy(model), **kwargs).log_prob)(
+        x.clone().requires_grad_())
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, (
         [str(r.reason) for r in explanation.break_reasons]
     )
-    params = list(model.parameters())
+    twin = copy.deepcopy(model)
     xr = x.clone().requires_grad_()
     want = model.log_prob(xr)
-    want_grads = torch.autograd.grad(want.sum(), [xr, *params], allow_unused=True)
+    want_grads = torch.autograd.grad(want.sum(), [xr, *model.parameters()], allow_unused=True)
     xr = x.clone().requires_grad_()
-    got = torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(xr)
-    got_grads = torch.autograd.grad(got.sum(), [xr, *params], allow_unused=True)
+    got = torch.compile(fnn.InvertibleBackprop(twin, **kwargs).log_prob, fullgraph=True, backend="aot_eager")(xr)
+    got_grads = torch.autograd.grad(got.sum(), [xr, *twin.parameters()], allow_unused=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for k, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert (g is None) == (w is None), k
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"gradient {k}")
+    buffers = _float_buffers(model)
+    assert buffers or name not in ("maf_batch_norm", "residual_exact")
+    for key, value in _float_buffers(twin).items():
+        torch.testing.assert_close(value, buffers[key], rtol=0, atol=1e-12, msg=key)
+
+
+def test_invertible_backprop_inductor_takes_the_forwards_state():
+    """Residual blocks (exact log-det) under Inductor, two forwards before one backward: each
+    forward's recomputation uses the spectral norms' u, v of that forward, not the buffers as
+    they are at the backward (Inductor's partitioner may recompute a copy from the buffer)."""
+    model, x = _invertible_case("residual_exact")
+    twin = copy.deepcopy(model)
+    x2 = x.flip(0) + 0.5
+    want = model.log_prob(x).sum() + model.log_prob(x2).sum()
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    compiled = torch.compile(fnn.InvertibleBackprop(twin).log_prob, fullgraph=True)
+    got = compiled(x).sum() + compiled(x2).sum()
+    got_grads = torch.autograd.grad(got, list(twin.parameters()))
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    for key, value in _float_buffers(twin).items():
+        torch.testing.assert_close(value, _float_buffers(model)[key], rtol=0, atol=1e-12, msg=key)
 
 
 def _saved_activations(fn, x):
@@ -379,18 +427,27 @@ def test_invertible_backprop_inductor_matches_the_model():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("kwargs", [dict(checkpoint_every=1), dict(check=True)])
-def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(kwargs):
-    """With anchors (checkpoint_every) or check mode, InvertibleBackprop keeps its eager
-    function, which saves the RNG state for its recomputation (Dynamo does not trace that): a
-    plain torch.compile matches eager (values and gradients); fullgraph raises."""
+@pytest.mark.parametrize("case", ["check", "roulette"])
+def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(case):
+    """With check mode, or a checkpointed layer that draws random numbers (a residual block's
+    roulette), InvertibleBackprop keeps its eager function, which saves the RNG state for its
+    recomputation (Dynamo does not trace that): a plain torch.compile matches eager (values
+    and gradients); fullgraph raises."""
     torch.manual_seed(0)
-    wrapped = fnn.InvertibleBackprop(models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1),
-                                     **kwargs)
-    x = torch.randn(5, 4)
+    if case == "check":
+        model, kwargs = models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1), dict(check=True)
+        x = torch.randn(5, 4)
+    else:  # eval mode: no power-iteration update between the two calls
+        model, kwargs = models.ResidualFlow(2, n_blocks=1, hidden=8, n_hidden=1, eval_estimator="roulette"), {}
+        initialize_actnorm(model, torch.randn(16, 2))
+        model.eval()
+        x = torch.randn(5, 2)
+    wrapped = fnn.InvertibleBackprop(model, **kwargs)
     params = list(wrapped.parameters())
+    torch.manual_seed(1)
     want = wrapped.log_prob(x)
     want_grads = torch.autograd.grad(want.sum(), params)
+    torch.manual_seed(1)
     got = torch.compile(wrapped.log_prob, backend="aot_eager")(x)
     got_grads = torch.autograd.grad(got.sum(), params)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

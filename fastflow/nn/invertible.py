@@ -82,13 +82,17 @@ and backward. Its backward reconstructs each layer's input with the inverse, as 
 takes the layer's gradients by :func:`torch.func.vjp` of its recomputation, on fastflow's
 reference operators. The compiled forward keeps batch-sized tensors for the backward whatever
 the depth: the memory saving holds in the graph (tests/test_compile_export.py counts them).
-That path has no state replay and no host reads, so it applies when:
+That path replays no random numbers and reads nothing on the host, so it applies when:
 
-* every checkpointed layer is deterministic and stateless (planar, radial, Sylvester, MADE,
-  batch norm in eval mode; not residual blocks or CNFs, which draw random numbers);
-* no layer holds a submodule whose call changes state
+* every checkpointed layer is deterministic: planar, radial, Sylvester, MADE, IAF, batch
+  norm (training mode too: the recomputation updates copies of its running averages), and
+  residual blocks whose log-det in the current mode is ``"exact"`` (the recomputation uses
+  the spectral norms' ``u``, ``v`` as the forward left them); not the roulette or the series,
+  nor CNFs, which draw random numbers;
+* no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
-* neither ``checkpoint_every`` nor ``check`` is set.
+* ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
+  that the last layer's input is reconstructed rather than kept.
 
 Otherwise the eager function runs inside the compiled model, and Dynamo breaks the graph
 there (at the random-number state it saves, or at its buffer checks). A plain
@@ -346,12 +350,15 @@ class _Run:
         self.ops = owner._ops
         self.with_priors = with_priors
         self.anchors = owner._anchors
+        self.graph_anchors = owner._graph_anchors
         self.check = owner.check
         self.check_tol = owner.check_tol
         self.preserve_rng = owner.preserve_rng_state
         self.first_layer = owner._first_layer
         # a compiled graph's chain: id(layer or prior) -> [(parameter name, position)]
         self.param_positions: dict[int, list[tuple[str, int]]] = {}
+        # and [(op index of a checkpointed layer, the names of its floating-point buffers)]
+        self.state_at: list[tuple[int, list[str]]] = []
 
 
 def _layer_params(module: nn.Module) -> list[Tensor]:
@@ -647,58 +654,73 @@ class _ChainFunction(torch.autograd.Function):
 
 def _graph_chain_ok(run: _Run) -> bool:
     """Whether a compiled graph may run the chain as :class:`_GraphChainFunction`: no check
-    mode (it reads the errors on the host), no ``checkpoint_every``, and every layer
-    repeatable without state. The recomputation there replays no random numbers and restores
-    no buffers, so a checkpointed layer must be deterministic and stateless (planar, radial,
-    Sylvester, MADE, batch norm in eval mode), and no layer may hold a submodule whose call
-    changes state (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
+    mode (it reads the errors on the host), and every layer repeatable there. The
+    recomputation replays no random numbers, so a checkpointed layer must be deterministic:
+    planar, radial, Sylvester, MADE, IAF, batch norm (its running averages are passed in as
+    copies, :func:`_func_vjp`), and residual blocks whose log-det in the current mode is
+    ``"exact"`` (their spectral norms' ``u``, ``v`` as the forward left them); the roulette,
+    the series and CNFs draw random numbers. No layer may hold a submodule whose call cannot
+    be repeated (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
-    from fastflow.nn.autoregressive import BatchNormFlow, MaskedAutoregressive
+    from fastflow.nn.autoregressive import BatchNormFlow, InverseAutoregressive, MaskedAutoregressive
     from fastflow.nn.det_identity import Planar, Radial, Sylvester
+    from fastflow.nn.residual import iResBlock
 
-    if run.check or run.anchors:
-        # (anchors: Dynamo 2.13 failed with an internal error on a Glow whose last step's input
-        # was kept, "Argument 'value' of Node 'output' does not belong to this Graph")
+    if run.check:
         return False
     for op in run.ops:
         for m in (op.module, op.prior):
             if m is not None and unrepeatable_submodule(m) is not None:
                 return False
         if op.kind == "checkpoint":
-            if not isinstance(op.module, (Planar, Radial, Sylvester, MaskedAutoregressive, BatchNormFlow)):
-                return False
-            if isinstance(op.module, BatchNormFlow) and op.module.training:
+            if isinstance(op.module, iResBlock):
+                kind = op.module._estimator if op.module.training else op.module._eval_estimator
+                if kind != "exact":
+                    return False
+            elif not isinstance(op.module, (Planar, Radial, Sylvester, MaskedAutoregressive,
+                                            InverseAutoregressive, BatchNormFlow)):
                 return False
     return True
 
 
 def _func_vjp(call: Any, primals: tuple[Tensor | None, ...], params: list[tuple[str, int]],
-              all_params: tuple[Tensor, ...], cotangents: Any
+              all_params: tuple[Tensor, ...], cotangents: Any,
+              state: dict[str, Tensor] | None = None
               ) -> tuple[list[Tensor | None], list[Tensor]]:
-    """``call(named parameters, *primals)`` recomputed under :func:`torch.func.vjp`, the
+    """``call(named tensors, *primals)`` recomputed under :func:`torch.func.vjp`, the
     parameters ``params`` (names and positions in ``all_params``) as inputs: the gradients of
-    the primals (None for a None primal) and of those parameters."""
+    the primals (None for a None primal) and of those parameters.
+
+    ``state``: the layer's buffers by name as its forward left them, passed in as copies
+    (inputs of the transformed function: torch.func refuses in-place updates of captured
+    tensors, and a batch norm in training mode updates its running averages). The call runs
+    with the spectral norms' power-iteration updates off, so it uses the forward's ``u``,
+    ``v``. (A copy of the buffers made before the forward does not do: Inductor's partitioner
+    recomputes such a copy in the backward, from the buffer the forward has updated since.)"""
     from fastflow import _native
+    from fastflow.nn import lipschitz
 
     given = [i for i, t in enumerate(primals) if t is not None]
     names = [n for n, _ in params]
+    state_names = list(state or {})
 
-    def f(ins: tuple[Tensor, ...], ps: tuple[Tensor, ...]) -> Any:
+    def f(ins: tuple[Tensor, ...], ps: tuple[Tensor, ...], bs: tuple[Tensor, ...]) -> Any:
         args = list(primals)
         for i, t in zip(given, ins):
             args[i] = t
-        return call(dict(zip(names, ps)), *args)
+        return call({**dict(zip(names, ps)), **dict(zip(state_names, bs))}, *args)
 
     # torch.func does not run the native operators' C++ or old-style autograd kernels: the
     # references (a module global, set and restored by hand, as in a compiled graph)
-    backend = _native._backend
-    _native._backend = "reference"
+    backend, updates = _native._backend, lipschitz._power_updates
+    _native._backend, lipschitz._power_updates = "reference", False
     try:
         _, pull = torch.func.vjp(f, tuple(primals[i] for i in given),
-                                 tuple(all_params[j] for _, j in params))
-        g_in, g_ps = pull(cotangents)
+                                 tuple(all_params[j] for _, j in params),
+                                 tuple(state[n].clone() for n in state_names))
+        g_in, g_ps, _ = pull(cotangents)
     finally:
-        _native._backend = backend
+        _native._backend, lipschitz._power_updates = backend, updates
     out: list[Tensor | None] = [None] * len(primals)
     for i, g in zip(given, g_in):
         out[i] = g
@@ -710,17 +732,24 @@ class _GraphChainFunction(torch.autograd.Function):
     one graph (forward and backward): the forward keeps the chain's output (and the inputs of
     checkpointed layers); the backward reconstructs each layer's input with its
     inverse and takes the layer's gradients by :func:`torch.func.vjp` of its recomputation on
-    fastflow's reference operators. No check mode, no state replay (:func:`_graph_chain_ok`);
-    the parameters' gradients are returned (autograd accumulates them)."""
+    fastflow's reference operators (the checkpointed layers' buffers as the forward left
+    them). No check mode, no random-number replay (:func:`_graph_chain_ok`); the parameters'
+    gradients are returned (autograd accumulates them)."""
 
     @staticmethod
     def forward(ctx, run: _Run, x: Tensor, context: Tensor | None, *params: Tensor):
         h, logdet, log_prob, stored = _chain_forward_graph(run, x, context)
+        # The checkpointed layers' buffers as this call left them (after their updates), for
+        # a recomputation without updates (:func:`_func_vjp`).
+        states = []
+        for i, names in run.state_at:
+            buffers = dict(run.ops[i].module.named_buffers())
+            states.extend(buffers[n].clone() for n in names)
         ctx.run = run
         ctx.has_context = context is not None
         ctx.stored_at = [i for i, _ in stored]
         ctx.save_for_backward(h, *([context] if context is not None else []),
-                              *[t for _, t in stored], *params)
+                              *[t for _, t in stored], *states, *params)
         return h, logdet, log_prob
 
     @staticmethod
@@ -734,7 +763,12 @@ class _GraphChainFunction(torch.autograd.Function):
         if ctx.has_context:
             context, k = saved[1], 2
         stored = dict(zip(ctx.stored_at, saved[k:k + len(ctx.stored_at)]))
-        params = saved[k + len(ctx.stored_at):]
+        k += len(ctx.stored_at)
+        states: dict[int, dict[str, Tensor]] = {}
+        for i, names in run.state_at:
+            states[i] = dict(zip(names, saved[k:k + len(names)]))
+            k += len(names)
+        params = saved[k:]
         positions = run.param_positions
         g_params: list[Tensor | None] = [None] * len(params)
         g_context = None
@@ -760,7 +794,8 @@ class _GraphChainFunction(torch.autograd.Function):
                     with _reparametrize_module(module, ps):
                         return module(xi, context=c)
 
-                (gx, gc), gps = _func_vjp(call, (x_in, context), named, params, (gh, g_logdet))
+                (gx, gc), gps = _func_vjp(call, (x_in, context), named, params, (gh, g_logdet),
+                                          states.get(i))
                 add(named, gps)
                 if gc is not None:
                     g_context = gc if g_context is None else g_context + gc
@@ -791,12 +826,13 @@ class _GraphChainFunction(torch.autograd.Function):
 
 def _chain_forward_graph(run: _Run, x: Tensor, context: Tensor | None
                          ) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, Tensor]]]:
-    """:func:`_chain_forward` without a graph, keeping the inputs of the checkpointed layers:
+    """:func:`_chain_forward` without a graph, keeping the inputs of the checkpointed layers
+    and of the anchors (but the last layer's, ``InvertibleBackprop._graph_anchors``):
     ``(h, logdet, log_prob, [(op index, input), ...])``."""
     stored: list[tuple[int, Tensor]] = []
 
     def keep(i: int, h: Tensor) -> None:
-        if run.ops[i].kind == "checkpoint":
+        if run.ops[i].kind == "checkpoint" or i in run.graph_anchors:
             stored.append((i, h))
 
     h, logdet, log_prob = _chain_forward(run, x, context, None, keep)
@@ -930,6 +966,10 @@ class InvertibleBackprop(nn.Module):
         else:
             anchors = set(layer_idx[::checkpoint_every])
         self._anchors = anchors
+        # In a compiled graph the last layer is reconstructed even when it is an anchor (one
+        # inverse of rounding error): keeping its input made Dynamo (torch 2.13) fail on a Glow
+        # ("Argument 'value' of Node 'output' does not belong to this Graph").
+        self._graph_anchors = anchors - set(layer_idx[-1:])
         self._first_layer = layer_idx[0] if layer_idx else -1
         from fastflow.nn.actnorm import ActNorm
 
@@ -1000,6 +1040,11 @@ class InvertibleBackprop(nn.Module):
                 id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]
                 for op in self._ops for m in (op.module, op.prior) if m is not None
             }
+            run.state_at = [
+                (i, names) for i, op in enumerate(self._ops) if op.kind == "checkpoint"
+                for names in [[n for n, b in op.module.named_buffers() if b.is_floating_point()]]
+                if names
+            ]
             return _GraphChainFunction.apply(run, x, context, *params)
         return _ChainFunction.apply(run, x, context, *params)
 
