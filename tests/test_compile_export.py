@@ -1012,3 +1012,23 @@ def test_inductor_while_loop_backward_is_right_without_donated_buffers():
     with torch._functorch.config.patch(donated_buffer=False):
         assert loop_gradients_in_graph()
         assert _while_loop_weight_gradient_error() < 1e-5
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="torch 2.13: Inductor differentiates slogdet of a matrix laid out "
+                   "column-major per sample wrongly (the value is right); when this passes, "
+                   "logdet_identity_plus may differentiate slogdet in a graph again")
+def test_inductor_slogdet_gradient_of_a_column_major_matrix_is_still_wrong():
+    """The torch bug that logdet_identity_plus works around in a compiled graph: slogdet of
+    I + J^T under Inductor, J a batch of 3x3 matrices, against eager's gradient. (The
+    workaround's own check: test_residual_inductor_gradients_match_eager[exact-False].)"""
+    torch.manual_seed(0)
+    J = (0.3 * torch.randn(6, 3, 3, dtype=torch.float64)).requires_grad_()
+
+    def logabsdet(J):
+        return torch.linalg.slogdet(torch.eye(3, dtype=J.dtype) + J.mT).logabsdet
+
+    want = torch.autograd.grad(logabsdet(J).sum(), J)[0]
+    got = torch.autograd.grad(torch.compile(logabsdet, fullgraph=True)(J).sum(), J)[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
