@@ -13,7 +13,7 @@ fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 # torch is pinned to the CPU wheel of this machine kind; a plain "torch" would pull a CUDA build.
 "${pip[@]}" "torch==${FASTFLOW_TORCH_VERSION:-2.13.0}" setuptools wheel ninja numpy \
-  pytest hypothesis expecttest matplotlib tqdm scikit-learn torchdiffeq
+  pytest pytest-xdist hypothesis expecttest matplotlib tqdm scikit-learn torchdiffeq
 echo "setup: building fastflow._C (about a minute on 2 cores)"
 "${pip[@]}" --no-build-isolation -e .
 "$venv/bin/python" -c "import fastflow; print('setup: fastflow', fastflow.__version__, 'native:', fastflow.native_available() or fastflow.native_load_error())"
