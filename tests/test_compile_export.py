@@ -363,8 +363,9 @@ def test_invertible_backprop_inductor_takes_the_forwards_state():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    buffers = _float_buffers(model)
     for key, value in _float_buffers(twin).items():
-        torch.testing.assert_close(value, _float_buffers(model)[key], rtol=0, atol=1e-12, msg=key)
+        torch.testing.assert_close(value, buffers[key], rtol=0, atol=1e-12, msg=key)
 
 
 def _saved_activations(fn, x):
@@ -901,6 +902,12 @@ def test_export_log_prob_matches_eager(name):
 # gradients through a while_loop in a graph (fastflow.nn._loops)
 
 
+def _torch_bug_record(reason):
+    """A strict xfail recording a torch bug (its assertion fails while the bug is there): a
+    torch without the bug makes the test pass, so fail, naming what fastflow may then change."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
 def _while_loop_weight_gradient_error():
     """The smallest case found of Inductor's wrong ``while_loop`` backward: the initial carry
     ``d * (x @ w)`` and a body that closes over ``d``, ``w`` and ``x``. The loop's body, lowered
@@ -936,8 +943,7 @@ def _while_loop_weight_gradient_error():
     return errors["inductor"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch 2.13/2.14: Inductor's while_loop backward with donated buffers "
+@_torch_bug_record("torch 2.13/2.14: Inductor's while_loop backward with donated buffers "
                    "gives a wrong weight gradient here; when this passes, a torch with the fix "
                    "(pytorch/pytorch#193960) is installed and fastflow.nn._loops may allow "
                    "gradients through loops by default")
@@ -996,8 +1002,7 @@ def _eager_sums(g, x, probes, value, n):
     return total
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch 2.13: a while_loop with autograd over torch.func products gives "
+@_torch_bug_record("torch 2.13: a while_loop with autograd over torch.func products gives "
                    "wrong values and gradients (the capped products are right); when this "
                    "passes, a user branch's backpropagated roulette and CNF adjoint=False "
                    "training with a user's net may loop in the graph")
@@ -1014,8 +1019,7 @@ def test_inductor_while_loop_backward_is_right_without_donated_buffers():
         assert _while_loop_weight_gradient_error() < 1e-5
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="torch 2.13: Inductor differentiates slogdet of a matrix laid out "
+@_torch_bug_record("torch 2.13: Inductor differentiates slogdet of a matrix laid out "
                    "column-major per sample wrongly (the value is right); when this passes, "
                    "logdet_identity_plus may differentiate slogdet in a graph again")
 def test_inductor_slogdet_gradient_of_a_column_major_matrix_is_still_wrong():

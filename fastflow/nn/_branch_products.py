@@ -161,11 +161,11 @@ def func_products(g: nn.Module, x: Tensor) -> Iterator[tuple[Tensor, Callable[[T
     backward of ``g``: a pullback kept from one call cannot be carried into a ``while_loop``'s
     body), made with fastflow's spectral norms' power-iteration updates off and torch's
     parametrizations taken from the first call (both use the weights of the first call and
-    change no state), and fastflow's operators on their
-    references (``torch.func`` does not run the native operators' C++ autograd kernels). The
-    branch's call must not depend on its mode otherwise
-    (:func:`~fastflow.nn._repeat.unrepeatable_submodule` finds torch's modules that do). The products are differentiable by ordinary autograd w.r.t.
-    ``x`` and ``g``'s parameters.
+    change no state), and fastflow's operators on their references (``torch.func`` does not
+    run the native operators' C++ autograd kernels). The branch's call must not depend on its
+    mode otherwise (:func:`~fastflow.nn._repeat.unrepeatable_submodule` finds torch's modules
+    that do). The products are differentiable by ordinary autograd w.r.t. ``x`` and ``g``'s
+    parameters.
     """
     from torch.nn.utils import parametrize
 

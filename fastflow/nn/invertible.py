@@ -373,9 +373,9 @@ def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_
     stack: list[Tensor] = []
     for i, op in enumerate(run.ops):
         rec = _Record()
-        if op.kind in ("inverse", "checkpoint") and keep is not None:
-            keep(i, h)
         if op.kind in ("inverse", "checkpoint"):
+            if keep is not None:
+                keep(i, h)
             if records is not None and (op.kind == "checkpoint" or i in run.anchors or run.check):
                 rec.input = h
             if records is None:
@@ -1040,11 +1040,11 @@ class InvertibleBackprop(nn.Module):
                 id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]
                 for op in self._ops for m in (op.module, op.prior) if m is not None
             }
-            run.state_at = [
-                (i, names) for i, op in enumerate(self._ops) if op.kind == "checkpoint"
-                for names in [[n for n, b in op.module.named_buffers() if b.is_floating_point()]]
-                if names
-            ]
+            for i, op in enumerate(self._ops):
+                if op.kind == "checkpoint":
+                    names = [n for n, b in op.module.named_buffers() if b.is_floating_point()]
+                    if names:
+                        run.state_at.append((i, names))
             return _GraphChainFunction.apply(run, x, context, *params)
         return _ChainFunction.apply(run, x, context, *params)
 
