@@ -347,17 +347,73 @@ def test_invertible_backprop_fullgraph_matches_the_model(name, kwargs):
         torch.testing.assert_close(value, buffers[key], rtol=0, atol=1e-12, msg=key)
 
 
-def test_invertible_backprop_inductor_takes_the_forwards_state():
-    """Residual blocks (exact log-det) under Inductor, two forwards before one backward: each
-    forward's recomputation uses the spectral norms' u, v of that forward, not the buffers as
-    they are at the backward (Inductor's partitioner may recompute a copy from the buffer)."""
-    model, x = _invertible_case("residual_exact")
+def _invertible_residual_case(name):
+    """Residual flows whose blocks draw random numbers (float64, training mode, spectral norms
+    restarted so that the forward's update moves them)."""
+    torch.manual_seed(0)
+    if name == "image_roulette":  # convolutional branches, the Neumann gradient
+        model = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4).double()
+        initialize_actnorm(model, torch.randn(8, 1, 4, 4, dtype=torch.float64))
+        return _unconverged(model).train(), torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    kwargs = {"roulette": {}, "roulette_backprop": dict(neumann_grad=False),
+              "series_neumann": dict(estimator="series", series_grad="neumann")}[name]
+    model = models.ResidualFlow(3, n_blocks=2, hidden=8, n_hidden=1, n_probes=2, **kwargs).double()
+    initialize_actnorm(model, torch.randn(16, 3, dtype=torch.float64))
+    return _unconverged(model).train(), torch.randn(5, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["roulette", "roulette_backprop", "series_neumann",
+                                  "image_roulette"])
+def test_invertible_backprop_fullgraph_residual_blocks_that_draw(name):
+    """Residual blocks with the stochastic estimators inside InvertibleBackprop's graph: each
+    block's random numbers (the roulette's N, the probes) are drawn before its forward and the
+    recomputation in the backward uses them, so one graph gives the model's values, gradients
+    and spectral-norm state for the same seed. The reference is the model on fastflow's
+    reference operators (the recomputation's): the native operator's Neumann gradient is
+    another per-draw form of the same estimator (fastflow.ops.mlp_trace)."""
+    model, x = _invertible_residual_case(name)
+    twin = copy.deepcopy(model)
+    wrapped = fnn.InvertibleBackprop(twin)
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    with fastflow.backend("reference"):
+        want = model.log_prob(xr)
+        want_grads = torch.autograd.grad(want.sum(), [xr, *model.parameters()])
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    got = torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(xr)
+    got_grads = torch.autograd.grad(got.sum(), [xr, *twin.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for k, (g, w) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10, msg=f"gradient {k}")
+    buffers = _float_buffers(model)
+    assert buffers
+    for key, value in _float_buffers(twin).items():
+        torch.testing.assert_close(value, buffers[key], rtol=0, atol=1e-12, msg=key)
+    assert torch.is_tensor(twin.blocks[0].last_terms) or name == "series_neumann"
+
+
+@pytest.mark.parametrize("name", ["residual_exact", "roulette"])
+def test_invertible_backprop_inductor_takes_the_forwards_state(name):
+    """Residual blocks under Inductor, two forwards before one backward: each forward's
+    recomputation uses the spectral norms' u, v and the random numbers of that forward, not
+    the buffers as they are at the backward (Inductor's partitioner may recompute a copy from
+    the buffer). The roulette with eager's random numbers (``fallback_random``), against the
+    model on the reference operators (as in the test above)."""
+    if name == "roulette":
+        model, x = _invertible_residual_case(name)
+    else:
+        model, x = _invertible_case(name)
     twin = copy.deepcopy(model)
     x2 = x.flip(0) + 0.5
-    want = model.log_prob(x).sum() + model.log_prob(x2).sum()
-    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.manual_seed(5)
+    with fastflow.backend("reference"):
+        want = model.log_prob(x).sum() + model.log_prob(x2).sum()
+        want_grads = torch.autograd.grad(want, list(model.parameters()))
     compiled = torch.compile(fnn.InvertibleBackprop(twin).log_prob, fullgraph=True)
-    got = compiled(x).sum() + compiled(x2).sum()
+    torch.manual_seed(5)
+    with torch._inductor.config.patch(fallback_random=True):
+        got = compiled(x).sum() + compiled(x2).sum()
     got_grads = torch.autograd.grad(got, list(twin.parameters()))
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -428,18 +484,19 @@ def test_invertible_backprop_inductor_matches_the_model():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["check", "roulette"])
+@pytest.mark.parametrize("case", ["check", "user_branch"])
 def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(case):
-    """With check mode, or a checkpointed layer that draws random numbers (a residual block's
-    roulette), InvertibleBackprop keeps its eager function, which saves the RNG state for its
-    recomputation (Dynamo does not trace that): a plain torch.compile matches eager (values
-    and gradients); fullgraph raises."""
+    """With check mode, or a checkpointed residual block on a branch of the user's own (its
+    products by torch.func), InvertibleBackprop keeps its eager function, which saves the RNG
+    state for its recomputation (Dynamo does not trace that): a plain torch.compile matches
+    eager (values and gradients); fullgraph raises."""
     torch.manual_seed(0)
     if case == "check":
         model, kwargs = models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1), dict(check=True)
         x = torch.randn(5, 4)
     else:  # eval mode: no power-iteration update between the two calls
         model, kwargs = models.ResidualFlow(2, n_blocks=1, hidden=8, n_hidden=1, eval_estimator="roulette"), {}
+        model.blocks[0].g = _Opaque(model.blocks[0].g)
         initialize_actnorm(model, torch.randn(16, 2))
         model.eval()
         x = torch.randn(5, 2)

@@ -824,10 +824,11 @@ def test_conv_structure_and_products():
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_power_sums_with_a_tensor_count(grad):
+@pytest.mark.parametrize("loops", [True, False])
+def test_power_sums_with_a_tensor_count(grad, loops):
     """power_sums with the count as a tensor (the compiled roulette: a while_loop with autograd
-    off, every capped product with zero weights past the draw with autograd on) equals the
-    Python loop: values, psi, and gradients."""
+    off, every capped product with zero weights past the draw with autograd on or with
+    ``loops=False``) equals the Python loop: values, psi, and gradients."""
     from fastflow.nn._branch_products import power_sums
     from fastflow.ops.logdet_estimators import roulette_coefficients
 
@@ -842,7 +843,7 @@ def test_power_sums_with_a_tensor_count(grad):
             want, want_psi = power_sums(apply, probes, value_t[:n].tolist(), n,
                                         None if grad else psi_t[:n].tolist())
             got, got_psi = power_sums(apply, probes, value_t, torch.tensor(n),
-                                      None if grad else psi_t)
+                                      None if grad else psi_t, loops=loops)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
         if grad:
             (ga,) = torch.autograd.grad(got.sum(), A)

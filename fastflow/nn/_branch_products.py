@@ -224,6 +224,7 @@ def power_sums(
     psi_coeffs: Sequence[float] | Tensor | None = None,
     convolutions: bool = False,
     loop_gradients: bool = True,
+    loops: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """``(value, psi)`` of the power series on the product ``apply`` (``J`` or ``J^T``).
 
@@ -242,6 +243,9 @@ def power_sums(
     product runs convolutions (:func:`~fastflow.nn._loops.loop_gradients_in_graph`).
     ``loop_gradients=False``: never a ``while_loop`` with autograd (products by ``torch.func``,
     :func:`func_products`: such a loop's values came out wrong, even under ``aot_eager``).
+    ``loops=False``: never a ``while_loop`` (inside a ``torch.func`` transform, under which a
+    compiled graph's ``while_loop`` does not trace): every capped product, with or without
+    autograd.
     """
     if not isinstance(n_total, Tensor):
         u = probes
@@ -261,14 +265,19 @@ def power_sums(
     cv = torch.as_tensor(value_coeffs).to(device=device, dtype=wide)
     if torch.is_grad_enabled() and psi_coeffs is not None:
         raise ValueError("psi_coeffs with a tensor n_total needs autograd off")
-    if torch.is_grad_enabled() and not (loop_gradients and loop_gradients_in_graph(convolutions)):
+    if not loops or (
+            torch.is_grad_enabled() and not (loop_gradients and loop_gradients_in_graph(convolutions))):
+        cp = None if psi_coeffs is None else torch.as_tensor(psi_coeffs).to(probes)
         u = probes
         value = None
+        psi = None if cp is None else probes * cp[0]
         for k in range(cv.shape[0]):
             u = apply(u)
             term = _wide_dot(u, probes) * cv[k]
             value = term if value is None else value + term
-        return value.mean(0), None
+            if cp is not None and k + 1 < cp.shape[0]:
+                psi = psi + u * cp[k + 1]
+        return value.mean(0), psi
     n = n_total.to(device=device, dtype=torch.int64)
 
     def coeff(c: Tensor, k: Tensor) -> Tensor:

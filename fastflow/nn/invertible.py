@@ -82,13 +82,21 @@ and backward. Its backward reconstructs each layer's input with the inverse, as 
 takes the layer's gradients by :func:`torch.func.vjp` of its recomputation, on fastflow's
 reference operators. The compiled forward keeps batch-sized tensors for the backward whatever
 the depth: the memory saving holds in the graph (tests/test_compile_export.py counts them).
-That path replays no random numbers and reads nothing on the host, so it applies when:
+That path saves no random-number state and reads nothing on the host, so it applies when:
 
-* every checkpointed layer is deterministic: planar, radial, Sylvester, MADE, IAF, batch
-  norm (training mode too: the recomputation updates copies of its running averages), and
-  residual blocks whose log-det in the current mode is ``"exact"`` (the recomputation uses
-  the spectral norms' ``u``, ``v`` as the forward left them); not the roulette or the series,
-  nor CNFs, which draw random numbers;
+* every checkpointed layer is one of: planar, radial, Sylvester, MADE, IAF, batch norm
+  (training mode too: the recomputation updates copies of its running averages), and
+  residual blocks on MLP or convolutional branches (``residual_mlp``, ``residual_cnn``) with
+  any estimator. The recomputation uses the spectral norms' ``u``, ``v`` as the forward left
+  them. The random numbers of the roulette and the series (the geometric ``N``, the probes)
+  are drawn before the block's forward and kept for its recomputation, so both calls use the
+  same numbers. The recomputation runs on the reference operators, so the Neumann gradient
+  per draw is the reference's form of the estimator; the native operator's per-draw form
+  differs and has the same expectation (:mod:`fastflow.ops.mlp_trace`). The recomputation
+  also runs every capped product of the roulette (``torch.func`` does not run a
+  ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
+  blocks on a branch of another kind (their products are ``torch.func`` calls, which Dynamo
+  does not trace inside this function);
 * no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
@@ -366,9 +374,10 @@ def _layer_params(module: nn.Module) -> list[Tensor]:
 
 
 def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_Record] | None,
-                   keep: Any = None) -> tuple[Tensor, Tensor, Tensor]:
+                   keep: Any = None, draw: Any = None) -> tuple[Tensor, Tensor, Tensor]:
     """The chain without a graph; fills ``records`` (one per op) when given; ``keep(i, h)`` is
-    called with each layer's input when given."""
+    called with each layer's input when given; ``draw(i, h)``, when given, returns the random
+    numbers the layer is to use (:func:`_call_drawn`) or None."""
     h, logdet, log_prob = x, None, None
     stack: list[Tensor] = []
     for i, op in enumerate(run.ops):
@@ -378,7 +387,10 @@ def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_
                 keep(i, h)
             if records is not None and (op.kind == "checkpoint" or i in run.anchors or run.check):
                 rec.input = h
-            if records is None:
+            drawn = draw(i, h) if draw is not None else None
+            if drawn is not None:
+                y, ld = _call_drawn(op.module, h, drawn)
+            elif records is None:
                 y, ld = op.module(h, context=context)
             else:
                 y, ld = _run_layer_recording(op.module, h, context, rec, run.preserve_rng)
@@ -407,6 +419,13 @@ def _chain_forward(run: _Run, x: Tensor, context: Tensor | None, records: list[_
     if log_prob is None:
         log_prob = x.new_zeros(x.shape[0], dtype=wide)
     return h, logdet, log_prob
+
+
+def _call_drawn(module: nn.Module, x: Tensor, draws: Any) -> tuple[Tensor, Tensor]:
+    """A residual block's forward on the random numbers ``draws``
+    (:meth:`~fastflow.nn.iResBlock._draw`)."""
+    module._check(x, "x")
+    return module._transform(x, draws)
 
 
 class _Local:
@@ -657,14 +676,20 @@ def _graph_chain_ok(run: _Run) -> bool:
     mode (it reads the errors on the host), and every layer repeatable there. The
     recomputation replays no random numbers, so a checkpointed layer must be deterministic:
     planar, radial, Sylvester, MADE, IAF, batch norm (its running averages are passed in as
-    copies, :func:`_func_vjp`), and residual blocks whose log-det in the current mode is
-    ``"exact"`` (their spectral norms' ``u``, ``v`` as the forward left them); the roulette,
-    the series and CNFs draw random numbers. No layer may hold a submodule whose call cannot
-    be repeated (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
+    copies, :func:`_func_vjp`), and residual blocks (their spectral norms' ``u``, ``v`` as the
+    forward left them; the random numbers of their estimators drawn before the forward and
+    passed to both calls, :func:`_call_drawn`); not CNFs, whose solvers draw random numbers
+    inside. A residual block's branch must be MLP- or convolution-structured
+    (:func:`~fastflow.nn.residual.mlp_structure`,
+    :func:`~fastflow.nn._branch_products.conv_structure`): on another branch the block's
+    products are ``torch.func`` calls, which Dynamo (torch 2.13) fails to trace inside the
+    chain's autograd function. No layer may hold a submodule whose call cannot be repeated
+    (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
     from fastflow.nn.autoregressive import BatchNormFlow, InverseAutoregressive, MaskedAutoregressive
     from fastflow.nn.det_identity import Planar, Radial, Sylvester
-    from fastflow.nn.residual import iResBlock
+    from fastflow.nn._branch_products import conv_structure
+    from fastflow.nn.residual import iResBlock, mlp_structure
 
     if run.check:
         return False
@@ -672,14 +697,13 @@ def _graph_chain_ok(run: _Run) -> bool:
         for m in (op.module, op.prior):
             if m is not None and unrepeatable_submodule(m) is not None:
                 return False
-        if op.kind == "checkpoint":
-            if isinstance(op.module, iResBlock):
-                kind = op.module._estimator if op.module.training else op.module._eval_estimator
-                if kind != "exact":
-                    return False
-            elif not isinstance(op.module, (Planar, Radial, Sylvester, MaskedAutoregressive,
-                                            InverseAutoregressive, BatchNormFlow)):
-                return False
+        if op.kind == "checkpoint" and not isinstance(
+                op.module, (Planar, Radial, Sylvester, MaskedAutoregressive, InverseAutoregressive,
+                            BatchNormFlow, iResBlock)):
+            return False
+        if isinstance(op.module, iResBlock) and mlp_structure(op.module.g) is None \
+                and conv_structure(op.module.g) is None:
+            return False
     return True
 
 
@@ -738,7 +762,7 @@ class _GraphChainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: _Run, x: Tensor, context: Tensor | None, *params: Tensor):
-        h, logdet, log_prob, stored = _chain_forward_graph(run, x, context)
+        h, logdet, log_prob, stored, drawn = _chain_forward_graph(run, x, context)
         # The checkpointed layers' buffers as this call left them (after their updates), for
         # a recomputation without updates (:func:`_func_vjp`).
         states = []
@@ -748,8 +772,12 @@ class _GraphChainFunction(torch.autograd.Function):
         ctx.run = run
         ctx.has_context = context is not None
         ctx.stored_at = [i for i, _ in stored]
+        # the residual blocks' draws: (op index, kind, has N, has probes); their tensors saved
+        ctx.drawn_at = [(i, d.kind, d.n_random is not None, d.probes is not None)
+                        for i, d in drawn.items()]
+        draw_tensors = [t for d in drawn.values() for t in (d.n_random, d.probes) if t is not None]
         ctx.save_for_backward(h, *([context] if context is not None else []),
-                              *[t for _, t in stored], *states, *params)
+                              *[t for _, t in stored], *states, *draw_tensors, *params)
         return h, logdet, log_prob
 
     @staticmethod
@@ -768,6 +796,15 @@ class _GraphChainFunction(torch.autograd.Function):
         for i, names in run.state_at:
             states[i] = dict(zip(names, saved[k:k + len(names)]))
             k += len(names)
+        from fastflow.nn.residual import _Draws
+
+        drawn: dict[int, Any] = {}
+        for i, kind, has_n, has_probes in ctx.drawn_at:
+            n_random = saved[k] if has_n else None
+            k += has_n
+            probes = saved[k] if has_probes else None
+            k += has_probes
+            drawn[i] = _Draws(kind, n_random, probes, repeat=True)
         params = saved[k:]
         positions = run.param_positions
         g_params: list[Tensor | None] = [None] * len(params)
@@ -790,8 +827,10 @@ class _GraphChainFunction(torch.autograd.Function):
                 named = positions[id(module)]
 
                 def call(ps: dict[str, Tensor], xi: Tensor, c: Tensor | None,
-                         module: nn.Module = module) -> Any:
+                         module: nn.Module = module, draws: Any = drawn.get(i)) -> Any:
                     with _reparametrize_module(module, ps):
+                        if draws is not None:
+                            return _call_drawn(module, xi, draws)
                         return module(xi, context=c)
 
                 (gx, gc), gps = _func_vjp(call, (x_in, context), named, params, (gh, g_logdet),
@@ -825,18 +864,29 @@ class _GraphChainFunction(torch.autograd.Function):
 
 
 def _chain_forward_graph(run: _Run, x: Tensor, context: Tensor | None
-                         ) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, Tensor]]]:
+                         ) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, Tensor]], dict[int, Any]]:
     """:func:`_chain_forward` without a graph, keeping the inputs of the checkpointed layers
-    and of the anchors (but the last layer's, ``InvertibleBackprop._graph_anchors``):
-    ``(h, logdet, log_prob, [(op index, input), ...])``."""
+    and of the anchors (but the last layer's, ``InvertibleBackprop._graph_anchors``), and
+    drawing the residual blocks' random numbers before their calls:
+    ``(h, logdet, log_prob, [(op index, input), ...], {op index: draws})``."""
+    from fastflow.nn.residual import iResBlock
+
     stored: list[tuple[int, Tensor]] = []
+    drawn: dict[int, Any] = {}
 
     def keep(i: int, h: Tensor) -> None:
         if run.ops[i].kind == "checkpoint" or i in run.graph_anchors:
             stored.append((i, h))
 
-    h, logdet, log_prob = _chain_forward(run, x, context, None, keep)
-    return h, logdet, log_prob, stored
+    def draw(i: int, h: Tensor) -> Any:
+        module = run.ops[i].module
+        if run.ops[i].kind != "checkpoint" or not isinstance(module, iResBlock):
+            return None
+        drawn[i] = module._draw(h)
+        return drawn[i]
+
+    h, logdet, log_prob = _chain_forward(run, x, context, None, keep, draw)
+    return h, logdet, log_prob, stored, drawn
 
 
 def _local_backward(ctx) -> _Local:

@@ -132,7 +132,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +162,24 @@ __all__ = [
 ESTIMATORS = ("exact", "series", "roulette")
 _RESIDUAL_ACTIVATIONS = ("lipswish", "elu")
 _KEEP: Any = object()  # set_estimator: leave the eval estimator as it is
+
+
+class _Draws(NamedTuple):
+    """A call's estimator kind and random numbers (:meth:`iResBlock._draw`): the roulette's
+    ``N`` (a 0-d int64 CPU tensor; None for the other kinds) and the probes (None for the
+    exact log-det). ``repeat``: the call repeats an earlier one under ``torch.func``
+    (:class:`~fastflow.nn.InvertibleBackprop`'s recomputation): it records no diagnostics and
+    runs no loop with autograd."""
+
+    kind: str
+    n_random: Tensor | None
+    probes: Tensor | None
+    repeat: bool = False
+
+
+def _repeat(draws: _Draws | None) -> bool:
+    """Whether a call repeats an earlier one under ``torch.func`` (:class:`_Draws`)."""
+    return draws is not None and draws.repeat
 
 
 def _check_estimator(value: Any, name: str, allow_none: bool = False) -> str | None:
@@ -527,7 +545,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
 
         return solve
 
-    def _transform_mlp(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor] | None:
+    def _transform_mlp(self, kind: str, x: Tensor, need: bool, draws: _Draws | None = None
+                       ) -> tuple[Tensor, Tensor] | None:
         """The call on an MLP-structured branch (:meth:`_mlp_route`), in operations that
         ``torch.compile`` traces into one graph; None where it does not apply."""
         route = self._mlp_route(kind, x, need)
@@ -550,12 +569,12 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             gx, derivs = _mlp_linearize(x, weights, biases, (), (), betas, code, preact)
             if route == "power":
                 apply = lambda t: _mlp_jvp(t, weights, (), derivs)  # noqa: E731
-                logdet, terms = self._roulette_backprop(x, apply)
+                logdet, terms = self._roulette_backprop(x, apply, draws=draws)
             else:
                 vjp = lambda u: _mlp_vjp(u, weights, (), derivs)  # noqa: E731
-                logdet, terms = self._series_on_products(kind, x, vjp, need)
+                logdet, terms = self._series_on_products(kind, x, vjp, need, draws)
         elif route == "series":
-            probes = sample_probes(x, self.n_probes, self.probe)
+            probes = self._probes(x, draws)
             gx, traces = mlp_power_traces(
                 x, weights, biases, betas, act, preact, probes=probes, n_terms=n_series
             )
@@ -569,23 +588,49 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
                 value, psi = _series_coefficients(n_series)
                 terms = n_series
             else:
-                terms, value, psi = self._roulette_draw()
-            probes = sample_probes(x, self.n_probes, self.probe)
+                terms, value, psi = self._roulette_draw(draws)
+            probes = self._probes(x, draws)
             gx, logdet = mlp_trace(
                 x, weights, biases, (), (), betas, act, preact,
                 probes=probes, value_coeffs=value, psi_coeffs=psi,
             )
-        self.last_estimator, self.last_terms = kind, terms
+        self._record(kind, terms, draws)
         return x + gx, logdet
 
-    def _roulette_draw(self) -> tuple[int | Tensor, list[float] | Tensor, list[float] | Tensor]:
-        """The roulette's ``(n_total, value coefficients, psi coefficients)`` for this call.
+    def _record(self, kind: str, terms: int | Tensor, draws: _Draws | None) -> None:
+        """``last_estimator``, ``last_terms`` of this call; a repeated call records nothing
+        (its graph may not store tensors on the module)."""
+        if not _repeat(draws):
+            self.last_estimator, self.last_terms = kind, terms
+
+    def _draw(self, x: Tensor) -> _Draws:
+        """The random numbers a call on ``x`` draws in the current mode, drawn now in the
+        order the call draws them (the roulette's ``N``, then the probes): passed to
+        :meth:`_transform`, the call uses them instead, so that a second call can repeat the
+        first (:class:`~fastflow.nn.InvertibleBackprop`'s recomputation in a compiled graph)."""
+        kind = self.active_estimator(x[0].numel())
+        n_random = draw_geometric_n(self.geometric_p) if kind == "roulette" else None
+        probes = None if kind == "exact" else sample_probes(x, self.n_probes, self.probe)
+        return _Draws(kind, n_random, probes)
+
+    def _probes(self, x: Tensor, draws: _Draws | None) -> Tensor:
+        if draws is not None and draws.probes is not None:
+            return draws.probes
+        return sample_probes(x, self.n_probes, self.probe)
+
+    def _roulette_draw(self, draws: _Draws | None = None
+                       ) -> tuple[int | Tensor, list[float] | Tensor, list[float] | Tensor]:
+        """The roulette's ``(n_total, value coefficients, psi coefficients)`` for this call
+        (``N`` from ``draws`` when given, :meth:`_draw`).
 
         Inside a compiled graph the number of terms stays a tensor (a Python int would be a
         graph break, or a recompilation per draw) with fixed-length coefficients that are zero
         past the draw; in eager mode Python values, ``n_total`` coefficients each."""
         n_exact = self.n_exact if self.training else self.eval_n_terms
-        n_random = draw_geometric_n(self.geometric_p)
+        if draws is not None and draws.n_random is not None:
+            n_random = draws.n_random
+        else:
+            n_random = draw_geometric_n(self.geometric_p)
         value, psi = roulette_coefficients(n_random, n_exact, self.geometric_p)
         n_total = n_random + n_exact
         if _compiling():
@@ -594,14 +639,17 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         return n, value[:n].tolist(), psi[:n].tolist()
 
     def _roulette_backprop(self, x: Tensor, apply: Any, convolutions: bool = False,
-                           loop_gradients: bool = True) -> tuple[Tensor, int | Tensor]:
+                           loop_gradients: bool = True, draws: _Draws | None = None
+                           ) -> tuple[Tensor, int | Tensor]:
         """The roulette's value with its gradient backpropagated through every product
         ``apply`` (``J`` or ``J^T``; ``convolutions``: of a convolutional branch) of a branch in
-        PyTorch operations (``loop_gradients``: :func:`power_sums`'s): ``(logdet, terms)``."""
-        n_total, value, _ = self._roulette_draw()
-        probes = sample_probes(x, self.n_probes, self.probe)
+        PyTorch operations (``loop_gradients``: :func:`power_sums`'s): ``(logdet, terms)``.
+        In a repeated call (``draws.repeat``, differentiated by ``torch.func``), never a
+        ``while_loop``: the capped products."""
+        n_total, value, _ = self._roulette_draw(draws)
+        probes = self._probes(x, draws)
         logdet, _ = power_sums(apply, probes, value, n_total, convolutions=convolutions,
-                               loop_gradients=loop_gradients)
+                               loop_gradients=loop_gradients, loops=not _repeat(draws))
         return logdet, n_total
 
     def _conv_route(self, kind: str, x: Tensor, need: bool) -> list | None:
@@ -621,7 +669,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return None  # eager: the autograd surrogate reuses the forward's graph (less memory)
         return steps
 
-    def _transform_conv(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor] | None:
+    def _transform_conv(self, kind: str, x: Tensor, need: bool, draws: _Draws | None = None
+                        ) -> tuple[Tensor, Tensor] | None:
         """The call on a convolutional branch (:meth:`_conv_route`): the estimators of the
         autograd path, with the branch's vector-Jacobian products as transposed convolutions
         (the same numbers), in operations that ``torch.compile`` traces; None where it does not
@@ -631,36 +680,38 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return None
         with contextlib.nullcontext() if need else torch.no_grad():
             lin = ConvLinearization(steps, x)
-            logdet, terms = self._estimate_on_products(kind, x, lin.out, lin.vjp, need, True, True)
-        self.last_estimator, self.last_terms = kind, terms
+            logdet, terms = self._estimate_on_products(kind, x, lin.out, lin.vjp, need, True, True,
+                                                       draws)
+        self._record(kind, terms, draws)
         return x + lin.out, logdet
 
-    def _transform_func(self, kind: str, x: Tensor, need: bool) -> tuple[Tensor, Tensor]:
+    def _transform_func(self, kind: str, x: Tensor, need: bool, draws: _Draws | None = None
+                        ) -> tuple[Tensor, Tensor]:
         """Inside a compiled graph, a branch of another kind (or autocast): the estimators of
         the autograd path on products by ``torch.func``
         (:func:`~fastflow.nn._branch_products.func_products`)."""
         with contextlib.nullcontext() if need else torch.no_grad():
             with func_products(self.g, x) as (gx, vjp):
                 logdet, terms = self._estimate_on_products(
-                    kind, x, gx, vjp, need, convolutions=False, loop_gradients=False
+                    kind, x, gx, vjp, need, convolutions=False, loop_gradients=False, draws=draws
                 )
-        self.last_estimator, self.last_terms = kind, terms
+        self._record(kind, terms, draws)
         return x + gx, logdet
 
     def _estimate_on_products(
         self, kind: str, x: Tensor, gx: Tensor, vjp: Any, need: bool, convolutions: bool,
-        loop_gradients: bool = True,
+        loop_gradients: bool = True, draws: _Draws | None = None,
     ) -> tuple[Tensor, int | Tensor]:
         """The estimate of ``kind`` on a branch's product ``vjp`` (``u -> J^T u``) in
         PyTorch operations, ``gx = g(x)``: ``(logdet, terms)``."""
         if kind == "exact":
             return logdet_identity_plus(jacobian_from_vjp(vjp, gx)), x[0].numel()
         if kind == "roulette" and need and not self.neumann_grad:
-            return self._roulette_backprop(x, vjp, convolutions, loop_gradients)
-        return self._series_on_products(kind, x, vjp, need)
+            return self._roulette_backprop(x, vjp, convolutions, loop_gradients, draws)
+        return self._series_on_products(kind, x, vjp, need, draws)
 
     def _series_on_products(
-        self, kind: str, x: Tensor, vjp: Any, need: bool
+        self, kind: str, x: Tensor, vjp: Any, need: bool, draws: _Draws | None = None
     ) -> tuple[Tensor, int | Tensor]:
         """The series or the roulette on a branch's products ``vjp`` (``u -> J^T u``) in
         PyTorch operations: the value, with the gradient (``need``) backpropagated through the
@@ -673,15 +724,16 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             terms = n_series
             value, psi = _series_coefficients(n_series)
         else:
-            terms, value, psi = self._roulette_draw()
-        probes = sample_probes(x, self.n_probes, self.probe)
+            terms, value, psi = self._roulette_draw(draws)
+        probes = self._probes(x, draws)
         surrogate = need and (kind == "roulette" or self.series_grad == "neumann")
+        loops = not _repeat(draws)
         if not surrogate:
-            return power_sums(vjp, probes, value, terms)[0], terms
+            return power_sums(vjp, probes, value, terms, loops=loops)[0], terms
         # the Neumann surrogate: the series' vectors without a graph, one product with one
         # (module docstring)
         with torch.no_grad():
-            logdet, left = power_sums(vjp, probes, value, terms, psi)
+            logdet, left = power_sums(vjp, probes, value, terms, psi, loops=loops)
         s = _wide_dot(vjp(left), probes).mean(0)
         return logdet + (s - s.detach()), terms
 
@@ -718,17 +770,24 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return x + gx, logdet
         return (x + gx.detach()), logdet.detach()
 
-    def _transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        kind = self.active_estimator(x[0].numel())
+    def _transform(self, x: Tensor, draws: _Draws | None = None) -> tuple[Tensor, Tensor]:
+        """The call; with ``draws`` (:meth:`_draw`, inside a compiled graph), their estimator
+        kind and random numbers."""
+        kind = self.active_estimator(x[0].numel()) if draws is None else draws.kind
         params = self._params()
-        need = torch.is_grad_enabled() and (x.requires_grad or bool(params))
-        out = self._transform_mlp(kind, x, need)
+        # a repeated call is differentiated by torch.func, whose inputs do not show
+        # requires_grad to a compiled graph's tracing: it always takes the gradient's path
+        need = _repeat(draws) or (
+            torch.is_grad_enabled() and (x.requires_grad or bool(params)))
+        out = self._transform_mlp(kind, x, need, draws)
         if out is None:
-            out = self._transform_conv(kind, x, need)
+            out = self._transform_conv(kind, x, need, draws)
         if out is not None:
             return out
         if _compiling() and unrepeatable_submodule(self.g) is None:
-            return self._transform_func(kind, x, need)
+            return self._transform_func(kind, x, need, draws)
+        if draws is not None:
+            raise RuntimeError("iResBlock: given draws apply inside a compiled graph only")
         return self._transform_autograd(kind, x, need, params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
