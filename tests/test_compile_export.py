@@ -1095,3 +1095,40 @@ def test_inductor_slogdet_gradient_of_a_column_major_matrix_is_still_wrong():
     got = torch.autograd.grad(torch.compile(logabsdet, fullgraph=True)(J).sum(), J)[0]
     torch._dynamo.reset()
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+_FLAG = [False]  # a module global that the function below sets, as func_products sets its own
+
+
+@_torch_bug_record("torch 2.13: Dynamo fails (an internal AssertionError, 'Expected "
+                   "FakeTensor') on an autograd.Function whose forward calls torch.func.vjp and "
+                   "stores a module global; when this passes, InvertibleBackprop may run "
+                   "residual blocks on a user's branch (func_products) in its compiled graph")
+def test_dynamo_torch_func_in_a_function_forward_with_a_global_store_still_fails():
+    """The torch bug that keeps InvertibleBackprop's residual blocks on a user's branch out of
+    its compiled graph (_graph_chain_ok): func_products, inside the chain's autograd function,
+    sets module globals (the backend, the spectral norms' updates) around torch.func calls."""
+    lin = torch.nn.Linear(3, 3)
+
+    class Products(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            global _FLAG
+            _FLAG = True
+            _, pull = torch.func.vjp(lambda v: torch.tanh(lin(v)), x)
+            _FLAG = False
+            return pull(torch.ones_like(x))[0]
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    x = torch.randn(4, 3, requires_grad=True)
+    try:
+        got = torch.compile(Products.apply, fullgraph=True, backend="aot_eager")(x)
+        error = None
+    except Exception as exc:  # noqa: BLE001 (Dynamo's internal error is the record)
+        got, error = None, exc
+    torch._dynamo.reset()
+    assert error is None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    torch.testing.assert_close(got, Products.apply(x))

@@ -96,7 +96,7 @@ That path saves no random-number state and reads nothing on the host, so it appl
   also runs every capped product of the roulette (``torch.func`` does not run a
   ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
   blocks on a branch of another kind (their products are ``torch.func`` calls, which Dynamo
-  does not trace inside this function);
+  fails to trace inside this function: a torch bug, :func:`_graph_chain_ok`);
 * no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
@@ -682,8 +682,9 @@ def _graph_chain_ok(run: _Run) -> bool:
     inside. A residual block's branch must be MLP- or convolution-structured
     (:func:`~fastflow.nn.residual.mlp_structure`,
     :func:`~fastflow.nn._branch_products.conv_structure`): on another branch the block's
-    products are ``torch.func`` calls, which Dynamo (torch 2.13) fails to trace inside the
-    chain's autograd function. No layer may hold a submodule whose call cannot be repeated
+    products are ``torch.func`` calls between stores of module globals, which Dynamo
+    (torch 2.13) fails to trace inside the chain's autograd function (a strict record in
+    tests/test_compile_export.py). No layer may hold a submodule whose call cannot be repeated
     (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
     from fastflow.nn.autoregressive import BatchNormFlow, InverseAutoregressive, MaskedAutoregressive
