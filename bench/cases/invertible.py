@@ -11,6 +11,11 @@ log-det), backward, Adam. Implementations:
 * ``checkpoint``: ``torch.utils.checkpoint`` (non-reentrant) around every Glow step (each step's
   input kept, the step recomputed in backward).
 
+A second group, at ``K = 4`` (compiling the deeper models takes minutes per implementation on
+two cores), compares the two under ``torch.compile(fullgraph=True)`` (default backend, compiled
+in the untimed first step): ``standard-compiled`` and ``invertible-compiled`` beside the eager
+``standard`` and ``invertible``.
+
 Memory: the peak is measured on CUDA by ``torch.cuda.max_memory_allocated`` and elsewhere by
 :func:`fastflow.memory.track_peak_allocations` (one extra untimed step, bench/harness.py), on top of
 what lives before the step. The gradients stay allocated between steps
@@ -43,6 +48,8 @@ DEPTHS = (16, 32)
 HIDDEN = 128
 LR = 1e-4
 IMPLS = ("standard", "invertible", "checkpoint")
+COMPILED_DEPTH = 4
+COMPILED_IMPLS = ("standard", "invertible", "standard-compiled", "invertible-compiled")
 
 
 def _checkpointed_log_prob(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +74,8 @@ def _checkpointed_log_prob(model: torch.nn.Module, x: torch.Tensor) -> torch.Ten
     return log_p + total
 
 
-def _factories(shape, depth, hidden, levels, device, dtype) -> dict[str, Callable[[], Callable[[], Any]]]:
+def _factories(shape, depth, hidden, levels, device, dtype, impls=IMPLS
+               ) -> dict[str, Callable[[], Callable[[], Any]]]:
     cache: dict[str, torch.Tensor] = {}
 
     def data() -> torch.Tensor:
@@ -85,11 +93,14 @@ def _factories(shape, depth, hidden, levels, device, dtype) -> dict[str, Callabl
             x = data()
             with torch.no_grad():
                 model(x)  # ActNorm's data-dependent initialisation, outside the timing
-            if impl == "standard":
-                loss_fn = lambda: -model.log_prob(x).mean()  # noqa: E731
-            elif impl == "invertible":
-                wrapper = InvertibleBackprop(model)
-                loss_fn = lambda: -wrapper.log_prob(x).mean()  # noqa: E731
+            if impl.startswith(("standard", "invertible")):
+                log_prob = model.log_prob
+                if impl.startswith("invertible"):
+                    log_prob = InvertibleBackprop(model).log_prob
+                if impl.endswith("-compiled"):
+                    torch._dynamo.reset()  # a new model: no earlier graph, no recompile limit
+                    log_prob = torch.compile(log_prob, fullgraph=True)
+                loss_fn = lambda: -log_prob(x).mean()  # noqa: E731
             else:
                 loss_fn = lambda: -_checkpointed_log_prob(model, x).mean()  # noqa: E731
             opt = torch.optim.Adam(model.parameters(), lr=LR, foreach=False)
@@ -110,15 +121,27 @@ def _factories(shape, depth, hidden, levels, device, dtype) -> dict[str, Callabl
 
         return factory
 
-    return {impl: make(impl) for impl in IMPLS}
+    return {impl: make(impl) for impl in impls}
 
 
 def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Group]:
-    """The Glow train step at ``K = 16`` and ``K = 32`` (``quick``: a tiny Glow)."""
+    """The Glow train step at ``K = 16`` and ``K = 32``, and compiled at ``K = 4`` (``quick``:
+    a tiny Glow)."""
     if quick:
-        shape, depths, hidden, levels = (2, 3, 8, 8), (1, 2), 8, 2
+        shape, depths, hidden, levels, compiled_depth = (2, 3, 8, 8), (1, 2), 8, 2, 1
     else:
-        shape, depths, hidden, levels = SHAPE, DEPTHS, HIDDEN, LEVELS
+        shape, depths, hidden, levels, compiled_depth = SHAPE, DEPTHS, HIDDEN, LEVELS, COMPILED_DEPTH
+    params = {"shape": list(shape), "levels": levels, "hidden": hidden,
+              "optimizer": f"Adam(lr={LR}, foreach=False)", "grads": "kept between steps"}
+    compiled = Group(
+        case=f"invertible-compiled/glow-L{levels}-K{compiled_depth}-h{hidden}/{'x'.join(map(str, shape))}",
+        pass_="train-step",
+        impls=_factories(shape, compiled_depth, hidden, levels, device, dtype, COMPILED_IMPLS),
+        repeat=9,
+        warmup=2,
+        params={**params, "depth": compiled_depth, "compile": "torch.compile(fullgraph=True)"},
+        memory=True,
+    )
     return [
         Group(
             case=f"invertible/glow-L{levels}-K{depth}-h{hidden}/{'x'.join(map(str, shape))}",
@@ -126,14 +149,11 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
             impls=_factories(shape, depth, hidden, levels, device, dtype),
             repeat=5,
             warmup=1,
-            params={
-                "shape": list(shape), "levels": levels, "depth": depth, "hidden": hidden,
-                "optimizer": f"Adam(lr={LR}, foreach=False)", "grads": "kept between steps",
-            },
+            params={**params, "depth": depth},
             memory=True,
         )
         for depth in depths
-    ]
+    ] + [compiled]
 
 
 # --------------------------------------------------------------------------------------------
