@@ -484,17 +484,27 @@ def test_invertible_backprop_inductor_matches_the_model():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["check", "user_branch_roulette", "user_branch_exact"])
+@pytest.mark.parametrize("case", ["check", "user_branch_roulette", "user_branch_exact",
+                                  "conv_autocast"])
 def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(case):
-    """With check mode, or a checkpointed residual block on a branch of the user's own (its
-    products by torch.func), InvertibleBackprop keeps its eager function, which saves the RNG
-    state for its recomputation (Dynamo does not trace that): a plain torch.compile matches
-    eager (values and gradients); fullgraph raises. (Before the user's branch was excluded
-    from the graph path, Dynamo crashed on the exact case.)"""
+    """With check mode, or a checkpointed residual block whose products would be torch.func
+    calls (a branch of the user's own; a convolutional branch under autocast),
+    InvertibleBackprop keeps its eager function, which saves the RNG state for its
+    recomputation (Dynamo does not trace that): a plain torch.compile matches eager (values
+    and gradients); fullgraph raises. (Before those blocks were excluded from the graph path,
+    Dynamo crashed on the exact user branch and on the convolutional branch under autocast.)"""
     torch.manual_seed(0)
+    autocast = contextlib.nullcontext()
     if case == "check":
         model, kwargs = models.RealNVP(4, n_couplings=2, hidden=8, n_hidden_layers=1), dict(check=True)
         x = torch.randn(5, 4)
+    elif case == "conv_autocast":
+        model, kwargs = models.ResidualFlowImage((1, 4, 4), levels=2, blocks_per_level=1, hidden=4,
+                                                 eval_estimator="roulette"), {}
+        initialize_actnorm(model, torch.randn(8, 1, 4, 4))
+        model.eval()
+        x = torch.randn(3, 1, 4, 4)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     else:  # eval mode: no power-iteration update between the two calls
         model, kwargs = models.ResidualFlow(2, n_blocks=1, hidden=8, n_hidden=1,
                                             eval_estimator=case.split("_")[-1]), {}
@@ -504,17 +514,18 @@ def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(case):
         x = torch.randn(5, 2)
     wrapped = fnn.InvertibleBackprop(model, **kwargs)
     params = list(wrapped.parameters())
-    torch.manual_seed(1)
-    want = wrapped.log_prob(x)
+    with autocast:
+        torch.manual_seed(1)
+        want = wrapped.log_prob(x)
+        torch.manual_seed(1)
+        got = torch.compile(wrapped.log_prob, backend="aot_eager")(x)
     want_grads = torch.autograd.grad(want.sum(), params)
-    torch.manual_seed(1)
-    got = torch.compile(wrapped.log_prob, backend="aot_eager")(x)
     got_grads = torch.autograd.grad(got.sum(), params)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="get_rng_state"):
+    with autocast, pytest.raises(Exception, match="get_rng_state"):
         torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(x)
     torch._dynamo.reset()
 

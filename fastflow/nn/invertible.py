@@ -95,8 +95,9 @@ That path saves no random-number state and reads nothing on the host, so it appl
   differs and has the same expectation (:mod:`fastflow.ops.mlp_trace`). The recomputation
   also runs every capped product of the roulette (``torch.func`` does not run a
   ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
-  blocks on a branch of another kind (their products are ``torch.func`` calls, which Dynamo
-  fails to trace inside this function: a torch bug, :func:`_graph_chain_ok`);
+  blocks on a branch of another kind, nor convolutional ones under autocast (their products
+  are ``torch.func`` calls, which Dynamo fails to trace inside this function: a torch bug,
+  :func:`_graph_chain_ok`);
 * no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
@@ -671,20 +672,21 @@ class _ChainFunction(torch.autograd.Function):
 # Inside a compiled graph
 
 
-def _graph_chain_ok(run: _Run) -> bool:
-    """Whether a compiled graph may run the chain as :class:`_GraphChainFunction`: no check
-    mode (it reads the errors on the host), and every layer repeatable there. The
-    recomputation replays no random numbers, so a checkpointed layer must be deterministic:
+def _graph_chain_ok(run: _Run, x: Tensor) -> bool:
+    """Whether a compiled graph may run the chain on ``x`` as :class:`_GraphChainFunction`: no
+    check mode (it reads the errors on the host), and every layer repeatable there. The
+    recomputation cannot replay a random-number state, so a checkpointed layer must draw no
+    random numbers or draw them where they can be passed in:
     planar, radial, Sylvester, MADE, IAF, batch norm (its running averages are passed in as
     copies, :func:`_func_vjp`), and residual blocks (their spectral norms' ``u``, ``v`` as the
     forward left them; the random numbers of their estimators drawn before the forward and
     passed to both calls, :func:`_call_drawn`); not CNFs, whose solvers draw random numbers
-    inside. A residual block's branch must be MLP- or convolution-structured
-    (:func:`~fastflow.nn.residual.mlp_structure`,
-    :func:`~fastflow.nn._branch_products.conv_structure`): on another branch the block's
-    products are ``torch.func`` calls between stores of module globals, which Dynamo
-    (torch 2.13) fails to trace inside the chain's autograd function (a strict record in
-    tests/test_compile_export.py). No layer may hold a submodule whose call cannot be repeated
+    inside. A residual block's call must run on its branch's own products: an MLP- or
+    convolution-structured branch (:func:`~fastflow.nn.residual.mlp_structure`,
+    :func:`~fastflow.nn._branch_products.conv_structure`) in ``x``'s dtype, a convolutional
+    one not under autocast. Otherwise its products are ``torch.func`` calls between stores of
+    module globals, which Dynamo (torch 2.13) fails to trace inside the chain's autograd
+    function (a strict record in tests/test_compile_export.py). No layer may hold a submodule whose call cannot be repeated
     (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
     from fastflow.nn.autoregressive import BatchNormFlow, InverseAutoregressive, MaskedAutoregressive
@@ -702,9 +704,13 @@ def _graph_chain_ok(run: _Run) -> bool:
                 op.module, (Planar, Radial, Sylvester, MaskedAutoregressive, InverseAutoregressive,
                             BatchNormFlow, iResBlock)):
             return False
-        if isinstance(op.module, iResBlock) and mlp_structure(op.module.g) is None \
-                and conv_structure(op.module.g) is None:
-            return False
+        if isinstance(op.module, iResBlock):
+            g = op.module.g
+            if any(p.dtype != x.dtype for p in g.parameters()):
+                return False
+            if mlp_structure(g) is None and (
+                    conv_structure(g) is None or torch.is_autocast_enabled(x.device.type)):
+                return False
     return True
 
 
@@ -1085,7 +1091,7 @@ class InvertibleBackprop(nn.Module):
         if not grad_needed:
             with torch.no_grad():
                 return _chain_forward(run, x, context, None)
-        if torch.compiler.is_compiling() and _graph_chain_ok(run):
+        if torch.compiler.is_compiling() and _graph_chain_ok(run, x):
             index = {id(p): j for j, p in enumerate(params)}
             run.param_positions = {
                 id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]

@@ -168,8 +168,8 @@ class _Draws(NamedTuple):
     """A call's estimator kind and random numbers (:meth:`iResBlock._draw`): the roulette's
     ``N`` (a 0-d int64 CPU tensor; None for the other kinds) and the probes (None for the
     exact log-det). ``repeat``: the call repeats an earlier one under ``torch.func``
-    (:class:`~fastflow.nn.InvertibleBackprop`'s recomputation): it records no diagnostics and
-    runs no loop with autograd."""
+    (:class:`~fastflow.nn.InvertibleBackprop`'s recomputation): it takes the gradient's path,
+    records no diagnostics and runs no ``while_loop``."""
 
     kind: str
     n_random: Tensor | None
