@@ -14,7 +14,9 @@ log-det), backward, Adam. Implementations:
 A second group, at ``K = 4`` (compiling the deeper models takes minutes per implementation on
 two cores), compares the two under ``torch.compile(fullgraph=True)`` (default backend, compiled
 in the untimed first step): ``standard-compiled`` and ``invertible-compiled`` beside the eager
-``standard`` and ``invertible``.
+``standard`` and ``invertible``; the same four for a Residual Flow (``ResidualFlow(16,
+n_blocks=4, hidden=64, n_hidden=2)`` on a batch of 256, training mode: the roulette with the
+Neumann gradient), whose blocks the wrapper checkpoints.
 
 Memory: the peak is measured on CUDA by ``torch.cuda.max_memory_allocated`` and elsewhere by
 :func:`fastflow.memory.track_peak_allocations` (one extra untimed step, bench/harness.py), on top of
@@ -49,6 +51,9 @@ HIDDEN = 128
 LR = 1e-4
 IMPLS = ("standard", "invertible", "checkpoint")
 COMPILED_DEPTH = 4
+RESIDUAL_SHAPE = (256, 16)
+RESIDUAL_BLOCKS = 4
+RESIDUAL_HIDDEN = 64
 COMPILED_IMPLS = ("standard", "invertible", "standard-compiled", "invertible-compiled")
 
 
@@ -74,25 +79,46 @@ def _checkpointed_log_prob(model: torch.nn.Module, x: torch.Tensor) -> torch.Ten
     return log_p + total
 
 
-def _factories(shape, depth, hidden, levels, device, dtype, impls=IMPLS
-               ) -> dict[str, Callable[[], Callable[[], Any]]]:
+def _glow(shape, depth, hidden, levels, device, dtype) -> Callable[[], tuple[torch.nn.Module, torch.Tensor]]:
+    """A builder of the bench Glow and its batch, ActNorm initialised (outside the timing)."""
     cache: dict[str, torch.Tensor] = {}
 
-    def data() -> torch.Tensor:
+    def build() -> tuple[torch.nn.Module, torch.Tensor]:
+        from fastflow.models import Glow
+
         if "x" not in cache:
             cache["x"] = torch.randn(shape, generator=seeded(3, device), device=device, dtype=dtype)
-        return cache["x"]
+        torch.manual_seed(0)
+        model = Glow(shape[1:], levels=levels, depth=depth, hidden=hidden).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            model(cache["x"])  # ActNorm's data-dependent initialisation
+        return model, cache["x"]
 
+    return build
+
+
+def _residual(shape, blocks, hidden, device, dtype) -> Callable[[], tuple[torch.nn.Module, torch.Tensor]]:
+    """A builder of the bench Residual Flow (training mode: the roulette with the Neumann
+    gradient) and its batch, ActNorm initialised."""
+    def build() -> tuple[torch.nn.Module, torch.Tensor]:
+        from fastflow.models import ResidualFlow
+        from fastflow.nn import initialize_actnorm
+
+        x = torch.randn(shape, generator=seeded(3, device), device=device, dtype=dtype)
+        torch.manual_seed(0)
+        model = ResidualFlow(shape[1], n_blocks=blocks, hidden=hidden, n_hidden=2).to(device=device, dtype=dtype)
+        initialize_actnorm(model, x)
+        return model, x
+
+    return build
+
+
+def _factories(build, impls=IMPLS) -> dict[str, Callable[[], Callable[[], Any]]]:
     def make(impl: str) -> Callable[[], Callable[[], Any]]:
         def factory() -> Callable[[], Any]:
-            from fastflow.models import Glow
             from fastflow.nn import InvertibleBackprop
 
-            torch.manual_seed(0)
-            model = Glow(shape[1:], levels=levels, depth=depth, hidden=hidden).to(device=device, dtype=dtype)
-            x = data()
-            with torch.no_grad():
-                model(x)  # ActNorm's data-dependent initialisation, outside the timing
+            model, x = build()
             if impl.startswith(("standard", "invertible")):
                 log_prob = model.log_prob
                 if impl.startswith("invertible"):
@@ -136,24 +162,37 @@ def groups(device: torch.device, dtype: torch.dtype, quick: bool = False) -> lis
     compiled = Group(
         case=f"invertible-compiled/glow-L{levels}-K{compiled_depth}-h{hidden}/{'x'.join(map(str, shape))}",
         pass_="train-step",
-        impls=_factories(shape, compiled_depth, hidden, levels, device, dtype, COMPILED_IMPLS),
+        impls=_factories(_glow(shape, compiled_depth, hidden, levels, device, dtype), COMPILED_IMPLS),
         repeat=9,
         warmup=2,
         params={**params, "depth": compiled_depth, "compile": "torch.compile(fullgraph=True)"},
+        memory=True,
+    )
+    rshape, rblocks, rhidden = ((16, 4), 1, 8) if quick else (RESIDUAL_SHAPE, RESIDUAL_BLOCKS, RESIDUAL_HIDDEN)
+    residual = Group(
+        case=f"invertible-compiled/residual-B{rblocks}-h{rhidden}/{'x'.join(map(str, rshape))}",
+        pass_="train-step",
+        impls=_factories(_residual(rshape, rblocks, rhidden, device, dtype), COMPILED_IMPLS),
+        repeat=15,
+        warmup=2,
+        params={"shape": list(rshape), "blocks": rblocks, "hidden": rhidden, "n_hidden": 2,
+                "estimator": "roulette (Neumann gradient)",
+                "optimizer": f"Adam(lr={LR}, foreach=False)", "grads": "kept between steps",
+                "compile": "torch.compile(fullgraph=True)"},
         memory=True,
     )
     return [
         Group(
             case=f"invertible/glow-L{levels}-K{depth}-h{hidden}/{'x'.join(map(str, shape))}",
             pass_="train-step",
-            impls=_factories(shape, depth, hidden, levels, device, dtype),
+            impls=_factories(_glow(shape, depth, hidden, levels, device, dtype)),
             repeat=5,
             warmup=1,
             params={**params, "depth": depth},
             memory=True,
         )
         for depth in depths
-    ] + [compiled]
+    ] + [compiled, residual]
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,9 +92,11 @@ That path saves no random-number state and reads nothing on the host, so it appl
   are drawn before the block's forward and kept for its recomputation, so both calls use the
   same numbers. The recomputation runs on the reference operators, so the Neumann gradient
   per draw is the reference's form of the estimator; the native operator's per-draw form
-  differs and has the same expectation (:mod:`fastflow.ops.mlp_trace`). The recomputation
-  also runs every capped product of the roulette (``torch.func`` does not run a
-  ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
+  differs and has the same expectation (:mod:`fastflow.ops.mlp_trace`). For the Neumann
+  gradients the forward also keeps the surrogate's left vectors (``[n_probes, *x.shape]``
+  per block, computed beside the value), so the recomputation takes one product instead of
+  the series; the backpropagated roulette's recomputation runs every capped product
+  (``torch.func`` does not run a ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
   blocks on a branch of another kind, nor convolutional ones under autocast (their products
   are ``torch.func`` calls, which Dynamo fails to trace inside this function: a torch bug,
   :func:`_graph_chain_ok`);
@@ -779,10 +781,13 @@ class _GraphChainFunction(torch.autograd.Function):
         ctx.run = run
         ctx.has_context = context is not None
         ctx.stored_at = [i for i, _ in stored]
-        # the residual blocks' draws: (op index, kind, has N, has probes); their tensors saved
-        ctx.drawn_at = [(i, d.kind, d.n_random is not None, d.probes is not None)
-                        for i, d in drawn.items()]
-        draw_tensors = [t for d in drawn.values() for t in (d.n_random, d.probes) if t is not None]
+        # the residual blocks' draws and Neumann left vectors: (op index, kind, has N, has
+        # probes, has left vectors); their tensors saved
+        lefts = {i: d.sink[0] if d.sink else None for i, d in drawn.items()}
+        ctx.drawn_at = [(i, d.kind, d.n_random is not None, d.probes is not None,
+                         lefts[i] is not None) for i, d in drawn.items()]
+        draw_tensors = [t for i, d in drawn.items() for t in (d.n_random, d.probes, lefts[i])
+                        if t is not None]
         ctx.save_for_backward(h, *([context] if context is not None else []),
                               *[t for _, t in stored], *states, *draw_tensors, *params)
         return h, logdet, log_prob
@@ -806,12 +811,13 @@ class _GraphChainFunction(torch.autograd.Function):
         from fastflow.nn.residual import _Draws
 
         drawn: dict[int, Any] = {}
-        for i, kind, has_n, has_probes in ctx.drawn_at:
-            n_random = saved[k] if has_n else None
-            k += has_n
-            probes = saved[k] if has_probes else None
-            k += has_probes
-            drawn[i] = _Draws(kind, n_random, probes, repeat=True)
+        for i, kind, *has in ctx.drawn_at:
+            tensors = []
+            for flag in has:  # N, probes, left vectors
+                tensors.append(saved[k] if flag else None)
+                k += flag
+            n_random, probes, left = tensors
+            drawn[i] = _Draws(kind, n_random, probes, repeat=True, left=left)
         params = saved[k:]
         positions = run.param_positions
         g_params: list[Tensor | None] = [None] * len(params)

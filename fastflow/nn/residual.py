@@ -169,12 +169,19 @@ class _Draws(NamedTuple):
     ``N`` (a 0-d int64 CPU tensor; None for the other kinds) and the probes (None for the
     exact log-det). ``repeat``: the call repeats an earlier one under ``torch.func``
     (:class:`~fastflow.nn.InvertibleBackprop`'s recomputation): it takes the gradient's path,
-    records no diagnostics and runs no ``while_loop``."""
+    records no diagnostics and runs no ``while_loop``.
+
+    The Neumann gradients' left vectors (``psi``, module docstring): ``sink``, a list that a
+    first call without autograd appends them to (its series computes them beside the value,
+    on the branch's vector-Jacobian products); ``left``, those vectors given to a repeated
+    call, whose surrogate then takes one product instead of running the series again."""
 
     kind: str
     n_random: Tensor | None
     probes: Tensor | None
     repeat: bool = False
+    sink: list | None = None
+    left: Tensor | None = None
 
 
 def _repeat(draws: _Draws | None) -> bool:
@@ -503,7 +510,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         )
         return ld, n_exact + n_random
 
-    def _mlp_route(self, kind: str, x: Tensor, need: bool) -> str | None:
+    def _mlp_route(self, kind: str, x: Tensor, need: bool, draws: _Draws | None = None
+                   ) -> str | None:
         """How this call runs when ``g`` is MLP-structured (:func:`mlp_structure`): ``"jacobian"``
         (exact, forward-mode Jacobian), ``"native"`` (the trace operator: any kind's value, the
         Neumann gradients), ``"series"`` (the truncated series in PyTorch operations,
@@ -515,6 +523,8 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         neumann = (kind == "roulette" and self.neumann_grad) or (
             kind == "series" and self.series_grad == "neumann"
         )
+        if neumann and draws is not None and draws.sink is not None:
+            return "neumann"  # the left vectors of the vector-Jacobian form, kept (_Draws)
         if (neumann or not need) and _native.use_native("mlp_trace", x):
             return "native"
         if kind == "series" and not (need and neumann):
@@ -549,7 +559,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
                        ) -> tuple[Tensor, Tensor] | None:
         """The call on an MLP-structured branch (:meth:`_mlp_route`), in operations that
         ``torch.compile`` traces into one graph; None where it does not apply."""
-        route = self._mlp_route(kind, x, need)
+        route = self._mlp_route(kind, x, need, draws)
         if route is None:
             return None
         structure = mlp_structure(self.g)
@@ -611,7 +621,9 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         kind = self.active_estimator(x[0].numel())
         n_random = draw_geometric_n(self.geometric_p) if kind == "roulette" else None
         probes = None if kind == "exact" else sample_probes(x, self.n_probes, self.probe)
-        return _Draws(kind, n_random, probes)
+        neumann = (kind == "roulette" and self.neumann_grad) or (
+            kind == "series" and self.series_grad == "neumann")
+        return _Draws(kind, n_random, probes, sink=[] if neumann else None)
 
     def _probes(self, x: Tensor, draws: _Draws | None) -> Tensor:
         if draws is not None and draws.probes is not None:
@@ -726,14 +738,24 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         else:
             terms, value, psi = self._roulette_draw(draws)
         probes = self._probes(x, draws)
-        surrogate = need and (kind == "roulette" or self.series_grad == "neumann")
+        neumann = kind == "roulette" or self.series_grad == "neumann"
+        if _repeat(draws) and draws.left is not None:
+            # a repeated call for its gradient only: the surrogate on the first call's vectors
+            s = _wide_dot(vjp(draws.left), probes).mean(0)
+            return s - s.detach(), terms
+        surrogate = need and neumann
+        keep = neumann and draws is not None and draws.sink is not None
         loops = not _repeat(draws)
-        if not surrogate:
+        if not (surrogate or keep):
             return power_sums(vjp, probes, value, terms, loops=loops)[0], terms
         # the Neumann surrogate: the series' vectors without a graph, one product with one
         # (module docstring)
         with torch.no_grad():
             logdet, left = power_sums(vjp, probes, value, terms, psi, loops=loops)
+        if keep:
+            draws.sink.append(left)
+        if not surrogate:
+            return logdet, terms
         s = _wide_dot(vjp(left), probes).mean(0)
         return logdet + (s - s.detach()), terms
 
