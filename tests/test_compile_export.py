@@ -552,7 +552,29 @@ def test_invertible_backprop_that_stays_eager_runs_under_a_plain_compile(case):
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    with autocast, pytest.raises(Exception, match="get_rng_state"):
+    reason = "check=True reads" if case == "check" else "torch.func calls"
+    with autocast, pytest.raises(Exception, match=f"(?s)InvertibleBackprop runs its chain eagerly.*{reason}"):
+        torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", ["cnf", "dropout"])
+def test_invertible_backprop_fullgraph_error_names_the_reason(case):
+    """Where InvertibleBackprop runs its chain eagerly inside a compiled model, fullgraph's
+    error says why: a CNF (its solver draws random numbers inside), a branch with dropout in
+    training mode (its call cannot be repeated)."""
+    torch.manual_seed(0)
+    if case == "cnf":
+        model, x = models.FFJORD(2, hidden=(8,)), torch.randn(4, 2)
+        reason = "inside its solver"
+    else:
+        model = models.ResidualFlow(2, n_blocks=1, hidden=8, n_hidden=1)
+        model.blocks[0].g = torch.nn.Sequential(model.blocks[0].g, torch.nn.Dropout(0.1))
+        initialize_actnorm(model, torch.randn(16, 2))
+        x, reason = torch.randn(4, 2), "cannot be repeated"
+    wrapped = fnn.InvertibleBackprop(model.train())
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=f"(?s)InvertibleBackprop runs its chain eagerly.*{reason}"):
         torch.compile(wrapped.log_prob, fullgraph=True, backend="aot_eager")(x)
     torch._dynamo.reset()
 
@@ -1144,7 +1166,7 @@ _FLAG = [False]  # a module global that the function below sets, as func_product
                    "residual blocks on a user's branch (func_products) in its compiled graph")
 def test_dynamo_torch_func_in_a_function_forward_with_a_global_store_still_fails():
     """The torch bug that keeps InvertibleBackprop's residual blocks on a user's branch out of
-    its compiled graph (_graph_chain_ok): func_products, inside the chain's autograd function,
+    its compiled graph (_graph_chain_blocker): func_products, inside the chain's autograd function,
     sets module globals (the backend, the spectral norms' updates) around torch.func calls."""
     lin = torch.nn.Linear(3, 3)
 

@@ -99,15 +99,15 @@ That path saves no random-number state and reads nothing on the host, so it appl
   (``torch.func`` does not run a ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
   blocks on a branch of another kind, nor convolutional ones under autocast (their products
   are ``torch.func`` calls, which Dynamo fails to trace inside this function: a torch bug,
-  :func:`_graph_chain_ok`);
+  :func:`_graph_chain_blocker`);
 * no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
   that the last layer's input is reconstructed rather than kept.
 
-Otherwise the eager function runs inside the compiled model, and Dynamo breaks the graph
-there (at the random-number state it saves, or at its buffer checks). A plain
-``torch.compile`` matches eager; ``fullgraph=True`` raises.
+Otherwise the eager function runs inside the compiled model (excluded from compilation, a
+graph break whose message names the reason). A plain ``torch.compile`` matches eager;
+``fullgraph=True`` raises an error that names the reason.
 Inside the graph the parameters' gradients are returned to autograd, not added to ``.grad``
 one layer at a time.
 
@@ -674,22 +674,38 @@ class _ChainFunction(torch.autograd.Function):
 # Inside a compiled graph
 
 
-def _graph_chain_ok(run: _Run, x: Tensor) -> bool:
-    """Whether a compiled graph may run the chain on ``x`` as :class:`_GraphChainFunction`: no
-    check mode (it reads the errors on the host), and every layer repeatable there. The
-    recomputation cannot replay a random-number state, so a checkpointed layer must draw no
-    random numbers or draw them where they can be passed in:
-    planar, radial, Sylvester, MADE, IAF, batch norm (its running averages are passed in as
-    copies, :func:`_func_vjp`), and residual blocks (their spectral norms' ``u``, ``v`` as the
-    forward left them; the random numbers of their estimators drawn before the forward and
-    passed to both calls, :func:`_call_drawn`); not CNFs, whose solvers draw random numbers
-    inside. A residual block's call must run on its branch's own products: an MLP- or
-    convolution-structured branch (:func:`~fastflow.nn.residual.mlp_structure`,
-    :func:`~fastflow.nn._branch_products.conv_structure`) in ``x``'s dtype, a convolutional
-    one not under autocast. Otherwise its products are ``torch.func`` calls between stores of
+#: Why a compiled model runs the chain eagerly (:func:`_graph_chain_blocker`), in the
+#: message of the graph break (and of ``fullgraph=True``'s error).
+_EAGER_REASONS = {
+    "check": "check=True reads each layer's reconstruction error on the host",
+    "unrepeatable": "a layer holds a submodule whose call cannot be repeated (dropout or batch "
+                    "norm in training mode, torch's hook-based spectral norm: "
+                    "fastflow.nn._repeat.unrepeatable_submodule)",
+    "layer": "a checkpointed layer draws random numbers inside its solver (a CNF) or is of a "
+             "kind the graph's recomputation does not take",
+    "products": "a residual block's products would be torch.func calls (a branch of the "
+                "user's own, a convolutional branch under autocast, or branch parameters in "
+                "another dtype than the input), which Dynamo (torch 2.13) fails to trace "
+                "inside the chain's autograd function",
+}
+
+
+def _graph_chain_blocker(run: _Run, x: Tensor) -> str | None:
+    """None where a compiled graph may run the chain on ``x`` as :class:`_GraphChainFunction`,
+    else why not (a key of :data:`_EAGER_REASONS`). It needs no check mode (which reads the
+    errors on the host) and every layer repeatable there. The recomputation cannot replay a
+    random-number state, so a checkpointed layer must draw no random numbers or draw them where
+    they can be passed in: planar, radial, Sylvester, MADE, IAF, batch norm (its running
+    averages are passed in as copies, :func:`_func_vjp`), and residual blocks (their spectral
+    norms' ``u``, ``v`` as the forward left them; the random numbers of their estimators drawn
+    before the forward and passed to both calls, :func:`_call_drawn`); not CNFs, whose solvers
+    draw random numbers inside. A residual block's call must run on its branch's own products:
+    an MLP- or convolution-structured branch (:func:`~fastflow.nn.residual.mlp_structure`,
+    :func:`~fastflow.nn._branch_products.conv_structure`) in ``x``'s dtype, a convolutional one
+    not under autocast. Otherwise its products are ``torch.func`` calls between stores of
     module globals, which Dynamo (torch 2.13) fails to trace inside the chain's autograd
-    function (a strict record in tests/test_compile_export.py). No layer may hold a submodule whose call cannot be repeated
-    (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
+    function (a strict record in tests/test_compile_export.py). No layer may hold a submodule
+    whose call cannot be repeated (:func:`~fastflow.nn._repeat.unrepeatable_submodule`)."""
     from fastflow.nn._repeat import unrepeatable_submodule
     from fastflow.nn.autoregressive import BatchNormFlow, InverseAutoregressive, MaskedAutoregressive
     from fastflow.nn.det_identity import Planar, Radial, Sylvester
@@ -697,23 +713,38 @@ def _graph_chain_ok(run: _Run, x: Tensor) -> bool:
     from fastflow.nn.residual import iResBlock, mlp_structure
 
     if run.check:
-        return False
+        return "check"
     for op in run.ops:
         for m in (op.module, op.prior):
             if m is not None and unrepeatable_submodule(m) is not None:
-                return False
+                return "unrepeatable"
         if op.kind == "checkpoint" and not isinstance(
                 op.module, (Planar, Radial, Sylvester, MaskedAutoregressive, InverseAutoregressive,
                             BatchNormFlow, iResBlock)):
-            return False
+            return "layer"
         if isinstance(op.module, iResBlock):
             g = op.module.g
             if any(p.dtype != x.dtype for p in g.parameters()):
-                return False
+                return "products"
             if mlp_structure(g) is None and (
                     conv_structure(g) is None or torch.is_autocast_enabled(x.device.type)):
-                return False
-    return True
+                return "products"
+    return None
+
+
+def _eager_chain(run: _Run, x: Tensor, context: Tensor | None, *params: Tensor):
+    return _ChainFunction.apply(run, x, context, *params)
+
+
+#: The eager chain, one function per reason, each excluded from compilation with its reason.
+_EAGER_CHAINS = {
+    key: torch.compiler.disable(
+        _eager_chain,
+        reason=f"fastflow InvertibleBackprop runs its chain eagerly here: {text} "
+               "(fastflow.nn.invertible docstring, torch.compile)",
+    )
+    for key, text in _EAGER_REASONS.items()
+}
 
 
 def _func_vjp(call: Any, primals: tuple[Tensor | None, ...], params: list[tuple[str, int]],
@@ -766,7 +797,7 @@ class _GraphChainFunction(torch.autograd.Function):
     checkpointed layers); the backward reconstructs each layer's input with its
     inverse and takes the layer's gradients by :func:`torch.func.vjp` of its recomputation on
     fastflow's reference operators (the checkpointed layers' buffers as the forward left
-    them). No check mode, no random-number replay (:func:`_graph_chain_ok`); the parameters'
+    them). No check mode, no random-number replay (:func:`_graph_chain_blocker`); the parameters'
     gradients are returned (autograd accumulates them)."""
 
     @staticmethod
@@ -1097,7 +1128,8 @@ class InvertibleBackprop(nn.Module):
         if not grad_needed:
             with torch.no_grad():
                 return _chain_forward(run, x, context, None)
-        if torch.compiler.is_compiling() and _graph_chain_ok(run, x):
+        blocker = _graph_chain_blocker(run, x) if torch.compiler.is_compiling() else None
+        if torch.compiler.is_compiling() and blocker is None:
             index = {id(p): j for j, p in enumerate(params)}
             run.param_positions = {
                 id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]
@@ -1109,6 +1141,8 @@ class InvertibleBackprop(nn.Module):
                     if names:
                         run.state_at.append((i, names))
             return _GraphChainFunction.apply(run, x, context, *params)
+        if blocker is not None:  # a graph break that names the reason
+            return _EAGER_CHAINS[blocker](run, x, context, *params)
         return _ChainFunction.apply(run, x, context, *params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
