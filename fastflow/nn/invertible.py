@@ -96,10 +96,10 @@ That path saves no random-number state and reads nothing on the host, so it appl
   gradients the forward also keeps the surrogate's left vectors (``[n_probes, *x.shape]``
   per block, computed beside the value), so the recomputation takes one product instead of
   the series; the backpropagated roulette's recomputation runs every capped product
-  (``torch.func`` does not run a ``while_loop`` here). Not CNFs, whose solvers draw random numbers inside; not residual
-  blocks on a branch of another kind, nor convolutional ones under autocast (their products
-  are ``torch.func`` calls, which Dynamo fails to trace inside this function: a torch bug,
-  :func:`_graph_chain_blocker`);
+  (``torch.func`` does not run a ``while_loop`` here). Not CNFs, whose solvers draw random
+  numbers inside; not residual blocks on a branch of another kind, nor convolutional ones
+  under autocast (their products are ``torch.func`` calls, which Dynamo fails to trace inside
+  this function: a torch bug, :func:`_graph_chain_blocker`);
 * no layer holds a submodule whose call cannot be repeated
   (:func:`~fastflow.nn._repeat.unrepeatable_submodule`);
 * ``check`` is not set (it reads the errors on the host). ``checkpoint_every`` applies, except
@@ -1128,8 +1128,10 @@ class InvertibleBackprop(nn.Module):
         if not grad_needed:
             with torch.no_grad():
                 return _chain_forward(run, x, context, None)
-        blocker = _graph_chain_blocker(run, x) if torch.compiler.is_compiling() else None
-        if torch.compiler.is_compiling() and blocker is None:
+        if torch.compiler.is_compiling():
+            blocker = _graph_chain_blocker(run, x)
+            if blocker is not None:  # a graph break that names the reason
+                return _EAGER_CHAINS[blocker](run, x, context, *params)
             index = {id(p): j for j, p in enumerate(params)}
             run.param_positions = {
                 id(m): [(n, index[id(p)]) for n, p in m.named_parameters() if id(p) in index]
@@ -1141,8 +1143,6 @@ class InvertibleBackprop(nn.Module):
                     if names:
                         run.state_at.append((i, names))
             return _GraphChainFunction.apply(run, x, context, *params)
-        if blocker is not None:  # a graph break that names the reason
-            return _EAGER_CHAINS[blocker](run, x, context, *params)
         return _ChainFunction.apply(run, x, context, *params)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -510,6 +510,12 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         )
         return ld, n_exact + n_random
 
+    def _neumann_gradient(self, kind: str) -> bool:
+        """Whether a call of ``kind`` takes the Neumann gradient (the roulette with
+        ``neumann_grad``, the series with ``series_grad="neumann"``)."""
+        return (kind == "roulette" and self.neumann_grad) or (
+            kind == "series" and self.series_grad == "neumann")
+
     def _mlp_route(self, kind: str, x: Tensor, need: bool, draws: _Draws | None = None
                    ) -> str | None:
         """How this call runs when ``g`` is MLP-structured (:func:`mlp_structure`): ``"jacobian"``
@@ -520,9 +526,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
             return None
         if kind == "exact":
             return "jacobian"
-        neumann = (kind == "roulette" and self.neumann_grad) or (
-            kind == "series" and self.series_grad == "neumann"
-        )
+        neumann = self._neumann_gradient(kind)
         if neumann and draws is not None and draws.sink is not None:
             return "neumann"  # the left vectors of the vector-Jacobian form, kept (_Draws)
         if (neumann or not need) and _native.use_native("mlp_trace", x):
@@ -621,9 +625,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         kind = self.active_estimator(x[0].numel())
         n_random = draw_geometric_n(self.geometric_p) if kind == "roulette" else None
         probes = None if kind == "exact" else sample_probes(x, self.n_probes, self.probe)
-        neumann = (kind == "roulette" and self.neumann_grad) or (
-            kind == "series" and self.series_grad == "neumann")
-        return _Draws(kind, n_random, probes, sink=[] if neumann else None)
+        return _Draws(kind, n_random, probes, sink=[] if self._neumann_gradient(kind) else None)
 
     def _probes(self, x: Tensor, draws: _Draws | None) -> Tensor:
         if draws is not None and draws.probes is not None:
@@ -674,10 +676,7 @@ class iResBlock(Transform):  # noqa: N801 (the name of the papers and of normflo
         steps = conv_structure(self.g)
         if steps is None or any(p.dtype != x.dtype for p in self.g.parameters()):
             return None
-        neumann = (kind == "roulette" and self.neumann_grad) or (
-            kind == "series" and self.series_grad == "neumann"
-        )
-        if need and neumann and not _compiling():
+        if need and self._neumann_gradient(kind) and not _compiling():
             return None  # eager: the autograd surrogate reuses the forward's graph (less memory)
         return steps
 
